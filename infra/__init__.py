@@ -1,0 +1,1 @@
+"""Configuration for PgBouncer, PostgreSQL and haproxy, and the local stack that runs them."""

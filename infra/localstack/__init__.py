@@ -1,0 +1,1 @@
+"""The local stack: the production topology as plain processes on one machine."""

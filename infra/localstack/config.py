@@ -1,0 +1,60 @@
+"""The local stack's knobs: environment variables with defaults, listed in README.md.
+
+The service's own settings (POOL_MIN, STATEMENT_TIMEOUT, ...) live in
+service/settings.py; the stack passes them through to every replica.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+class StackSettings(BaseSettings):
+    """Shape, ports and PgBouncer/PostgreSQL limits of the local stack."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, env_ignore_empty=True, frozen=True
+    )
+
+    stack_dir: Path = Field(default=REPO / ".stack", description="Data, configs, logs, pids.")
+
+    # Shape.
+    replicas: int = Field(default=2, ge=1, le=32, description="Service replicas (gunicorns).")
+    workers: int = Field(default=2, ge=1, le=32, description="Uvicorn workers per replica.")
+    pool_min: int = Field(default=2, ge=0, description="Pool connections kept per worker.")
+    pool_max: int = Field(default=4, ge=1, description="Pool connections at most per worker.")
+    seed_items: int = Field(default=1000, ge=0, description="Items created by `make up`.")
+
+    # Ports (all on 127.0.0.1).
+    lb_port: int = Field(default=8000, description="haproxy, the public entry point.")
+    replica_base_port: int = Field(default=8001, description="Replica i listens on base + i - 1.")
+    pgbouncer_port: int = Field(default=6432, description="PgBouncer.")
+    postgres_port: int = Field(default=5432, description="PostgreSQL.")
+
+    # PgBouncer.
+    pgbouncer_max_client_conn: int = Field(default=1000, ge=1)
+    pgbouncer_default_pool_size: int = Field(default=20, ge=1)
+    pgbouncer_reserve_pool_size: int = Field(default=5, ge=0)
+    pgbouncer_max_db_connections: int = Field(default=30, ge=1)
+    pgbouncer_query_wait_timeout: int = Field(default=5, ge=1)
+    pgbouncer_server_login_retry: int = Field(default=1, ge=1)
+
+    # PostgreSQL.
+    postgres_max_connections: int = Field(default=100, ge=5)
+    postgres_superuser_reserved: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"POOL_MIN ({self.pool_min}) exceeds POOL_MAX ({self.pool_max})")
+        return self
+
+    def replica_port(self, index: int) -> int:
+        """The port of replica `index` (1-based)."""
+        return self.replica_base_port + index - 1

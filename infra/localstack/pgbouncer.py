@@ -1,0 +1,127 @@
+"""A PgBouncer in transaction mode under a directory of ours, and its admin console."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from infra.localstack import procs
+from infra.localstack.render import render, write_private
+
+ADMIN_USER = "pgbouncer_admin"
+
+# PgBouncer 1.18: SIGINT waits for clients to finish (safe); SIGTERM stops at once.
+SAFE_SHUTDOWN, IMMEDIATE_SHUTDOWN = signal.SIGINT, signal.SIGTERM
+
+
+@dataclass
+class PgBouncer:
+    """PgBouncer listening on 127.0.0.1:`port`, pooling `database` on PostgreSQL."""
+
+    root: Path
+    port: int
+    postgres_port: int
+    database: str
+    users: dict[str, str] = field(default_factory=dict)  # role -> password
+    admin_password: str = ""
+    max_client_conn: int = 1000
+    default_pool_size: int = 20
+    reserve_pool_size: int = 5
+    max_db_connections: int = 30
+    query_wait_timeout: int = 5
+    server_login_retry: int = 1
+
+    @property
+    def ini(self) -> Path:
+        return self.root / "pgbouncer.ini"
+
+    @property
+    def auth_file(self) -> Path:
+        return self.root / "userlist.txt"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "pgbouncer.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "pgbouncer.log"
+
+    def values(self) -> dict[str, object]:
+        """The template's placeholders, by name."""
+        return {
+            "APP_DATABASE": self.database,
+            "POSTGRES_HOST": "127.0.0.1",
+            "POSTGRES_PORT": self.postgres_port,
+            "PGBOUNCER_LISTEN": "127.0.0.1",
+            "PGBOUNCER_PORT": self.port,
+            "PGBOUNCER_AUTH_FILE": self.auth_file,
+            "PGBOUNCER_ADMIN_USER": ADMIN_USER,
+            "PGBOUNCER_MAX_CLIENT_CONN": self.max_client_conn,
+            "PGBOUNCER_DEFAULT_POOL_SIZE": self.default_pool_size,
+            "PGBOUNCER_RESERVE_POOL_SIZE": self.reserve_pool_size,
+            "PGBOUNCER_MAX_DB_CONNECTIONS": self.max_db_connections,
+            "PGBOUNCER_QUERY_WAIT_TIMEOUT": self.query_wait_timeout,
+            "PGBOUNCER_SERVER_LOGIN_RETRY": self.server_login_retry,
+        }
+
+    def write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        procs.hand_to_service_user(self.root)
+        write_private(self.ini, render("pgbouncer/pgbouncer.ini", self.values()))
+        # Plain passwords let PgBouncer answer SCRAM from clients *and* log in to
+        # PostgreSQL with SCRAM itself; the file is readable by its owner only.
+        users = {**self.users, ADMIN_USER: self.admin_password}
+        lines = [f'"{user}" "{password}"' for user, password in sorted(users.items())]
+        write_private(self.auth_file, "\n".join(lines) + "\n")
+        procs.hand_to_service_user(self.ini, self.auth_file)
+
+    def running(self) -> bool:
+        return procs.alive(procs.read_pid(self.pid_file))
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start PgBouncer (if it is not running) and wait until its admin console answers."""
+        self.write_config()
+        if not self.running():
+            procs.ensure_port_free(self.port, "PGBOUNCER_PORT")
+            procs.spawn(["pgbouncer", str(self.ini)], self.log, self.pid_file, as_service_user=True)
+        if not procs.wait_until(self.answering, timeout, interval=0.1):
+            raise procs.StackError(f"PgBouncer did not start:\n{procs.tail(self.log)}")
+
+    def answering(self) -> bool:
+        try:
+            self.admin("SHOW VERSION")
+        except psycopg.Error:
+            return False
+        return True
+
+    def stop(self, sig: signal.Signals = IMMEDIATE_SHUTDOWN, timeout: float = 30.0) -> bool:
+        return procs.stop_recorded(self.pid_file, sig, timeout)
+
+    def admin_conninfo(self) -> str:
+        return (
+            f"host=127.0.0.1 port={self.port} dbname=pgbouncer user={ADMIN_USER}"
+            f" password={self.admin_password} connect_timeout=3"
+        )
+
+    def admin(self, command: str) -> list[dict[str, Any]]:
+        """Run one admin console command (`SHOW POOLS`, `RELOAD`, ...) and return its rows.
+
+        The console speaks only the simple query protocol, which psycopg uses for a
+        statement without parameters on a ClientCursor.
+        """
+        with psycopg.connect(
+            self.admin_conninfo(), autocommit=True, cursor_factory=psycopg.ClientCursor
+        ) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute(command)
+            return cur.fetchall() if cur.description else []
+
+    def app_conninfo(self, user: str) -> str:
+        """libpq URL for `user` through PgBouncer."""
+        return f"postgresql://{user}:{self.users[user]}@127.0.0.1:{self.port}/{self.database}"

@@ -1,0 +1,250 @@
+"""The whole local stack: bring it up (or reshape it in place), report on it, take it down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.localstack import procs
+from infra.localstack.config import REPO, StackSettings
+from infra.localstack.haproxy import Haproxy
+from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.postgres import Postgres
+from infra.localstack.replicas import Replica
+from infra.localstack.secrets import password
+from service.settings import Settings
+
+APP_ROLE = "app"
+APP_DATABASE = "app"
+
+
+@dataclass
+class Stack:
+    """Every component of the local stack, located under `settings.stack_dir`."""
+
+    settings: StackSettings
+
+    @property
+    def root(self) -> Path:
+        return self.settings.stack_dir
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    def postgres(self) -> Postgres:
+        s = self.settings
+        return Postgres(
+            self.root / "postgres",
+            s.postgres_port,
+            max_connections=s.postgres_max_connections,
+            superuser_reserved=s.postgres_superuser_reserved,
+        )
+
+    def pgbouncer(self) -> PgBouncer:
+        s = self.settings
+        return PgBouncer(
+            self.root / "pgbouncer",
+            s.pgbouncer_port,
+            s.postgres_port,
+            APP_DATABASE,
+            users={APP_ROLE: password(self.secrets, APP_ROLE)},
+            admin_password=password(self.secrets, "pgbouncer_admin"),
+            max_client_conn=s.pgbouncer_max_client_conn,
+            default_pool_size=s.pgbouncer_default_pool_size,
+            reserve_pool_size=s.pgbouncer_reserve_pool_size,
+            max_db_connections=s.pgbouncer_max_db_connections,
+            query_wait_timeout=s.pgbouncer_query_wait_timeout,
+            server_login_retry=s.pgbouncer_server_login_retry,
+        )
+
+    def haproxy(self) -> Haproxy:
+        return Haproxy(self.root / "haproxy", self.settings.lb_port)
+
+    def service_env(self) -> dict[str, str]:
+        """What every replica runs with (on top of the caller's environment)."""
+        s = self.settings
+        return {
+            "DATABASE_URL": self.pgbouncer().app_conninfo(APP_ROLE),
+            "WORKERS": str(s.workers),
+            "POOL_MIN": str(s.pool_min),
+            "POOL_MAX": str(s.pool_max),
+        }
+
+    def replica(self, index: int) -> Replica:
+        return Replica(
+            self.root / "replicas", index, self.settings.replica_port(index), self.service_env()
+        )
+
+    def recorded_replicas(self) -> list[int]:
+        """Indexes of the replicas with a pid file, running or not."""
+        return sorted(
+            int(path.stem.removeprefix("replica-"))
+            for path in (self.root / "replicas").glob("replica-*.pid")
+        )
+
+    # ---- up -------------------------------------------------------------------------
+
+    def check_settings(self) -> Settings:
+        """Validate the service settings the replicas will get, before anything starts."""
+        service = Settings(**{k.lower(): v for k, v in self.service_env().items()})  # type: ignore[arg-type]
+        if self.settings.pgbouncer_query_wait_timeout >= service.db_deadline:
+            raise procs.StackError(
+                f"PGBOUNCER_QUERY_WAIT_TIMEOUT ({self.settings.pgbouncer_query_wait_timeout}s)"
+                f" must be below DB_DEADLINE ({service.db_deadline}s), so PgBouncer gives up"
+                " before the service does"
+            )
+        return service
+
+    def up(self) -> None:
+        """Start what is missing, reshape what changed; return once everything is healthy."""
+        s = self.settings
+        self.check_settings()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_reachable_by_service_user()
+
+        pg = self.postgres()
+        say(f"PostgreSQL   127.0.0.1:{pg.port}")
+        pg.init()
+        pg.start()
+        pg.ensure_role(APP_ROLE, password(self.secrets, APP_ROLE))
+        pg.ensure_database(APP_DATABASE, APP_ROLE)
+        self._migrate(pg)
+
+        bouncer = self.pgbouncer()
+        say(f"PgBouncer    127.0.0.1:{bouncer.port} (pool_mode = transaction)")
+        bouncer.start()
+
+        lb = self.haproxy()
+        wanted = list(range(1, s.replicas + 1))
+        for index in wanted:
+            replica = self.replica(index)
+            if replica.current():
+                continue
+            if replica.running():  # settings changed: roll it
+                say(f"{replica.name}    restarting with new settings")
+                self._drain(lb, replica.name)
+                replica.stop()
+            say(f"{replica.name}    127.0.0.1:{replica.port} ({s.workers} workers)")
+            replica.start()
+            replica.wait_ready()
+        lb.apply({self.replica(i).name: self.replica(i).port for i in wanted})
+        for index in self.recorded_replicas():
+            if index not in wanted:
+                replica = self.replica(index)
+                say(f"{replica.name}    draining and stopping (REPLICAS={s.replicas})")
+                replica.stop()
+        if not procs.wait_until(lambda: self._lb_healthy(lb, len(wanted)), 15.0, interval=0.2):
+            raise procs.StackError(f"haproxy does not see every replica UP: {lb.server_states()}")
+        say("")
+        say(f"API          {lb.url}   (try: curl {lb.url}/items/1)")
+        for index in wanted:
+            say(f"  {self.replica(index).name}  {self.replica(index).url}")
+        say(f"PgBouncer    postgresql://{APP_ROLE}@127.0.0.1:{bouncer.port}/{APP_DATABASE}")
+        say(f"PostgreSQL   postgresql://127.0.0.1:{pg.port}/{APP_DATABASE}")
+        say(f"passwords    {self.secrets}/")
+
+    def _check_reachable_by_service_user(self) -> None:
+        user = procs.service_user()
+        if user is None:
+            return
+        probe = subprocess.run(["runuser", "-u", user, "--", "test", "-x", str(self.root)])
+        if probe.returncode != 0:
+            raise procs.StackError(
+                f"PostgreSQL runs as {user!r}, which cannot enter {self.root}; "
+                "set STACK_DIR to a directory it can reach (e.g. /tmp/pgscale-stack)"
+            )
+
+    def _migrate(self, pg: Postgres) -> None:
+        """Schema and seed data, straight to PostgreSQL, once, before any replica starts."""
+        direct = (
+            f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
+            f"@127.0.0.1:{pg.port}/{APP_DATABASE}"
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "service.migrate", "--seed", str(self.settings.seed_items)],
+            env={**os.environ, "DATABASE_URL": direct},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise procs.StackError(f"migration failed:\n{result.stderr.strip()}")
+        say(f"schema       {result.stdout.strip()}")
+
+    @staticmethod
+    def _drain(lb: Haproxy, name: str) -> None:
+        if lb.running():
+            lb.command(f"set server replicas/{name} state drain")
+
+    @staticmethod
+    def _lb_healthy(lb: Haproxy, expected: int) -> bool:
+        try:
+            states = lb.server_states()
+        except OSError:
+            return False
+        return sum(1 for state in states.values() if state == "UP") == expected
+
+    # ---- status and down ------------------------------------------------------------
+
+    def status(self) -> int:
+        """Print what runs; exit code 0 only when every part is healthy."""
+        healthy = True
+        pg, bouncer, lb = self.postgres(), self.pgbouncer(), self.haproxy()
+        if pg.running():
+            say(f"PostgreSQL   up on {pg.port}, client backends: {pg.client_backends()}")
+        else:
+            say("PostgreSQL   down")
+            healthy = False
+        if bouncer.running():
+            say(f"PgBouncer    up on {bouncer.port}")
+            cols = (
+                "database",
+                "user",
+                "pool_mode",
+                "cl_active",
+                "cl_waiting",
+                "sv_active",
+                "sv_idle",
+            )
+            say("  " + "".join(f"{c:>12}" for c in cols))
+            for row in bouncer.admin("SHOW POOLS"):
+                say("  " + "".join(f"{row[c]!s:>12}" for c in cols))
+        else:
+            say("PgBouncer    down")
+            healthy = False
+        indexes = self.recorded_replicas()
+        if not indexes:
+            say("replicas     none")
+            healthy = False
+        for index in indexes:
+            replica = self.replica(index)
+            ready = replica.ready()
+            state = "ready" if ready else ("up, not ready" if replica.running() else "down")
+            say(f"{replica.name}    {replica.url}  {state}")
+            healthy = healthy and ready
+        if lb.running():
+            say(f"haproxy      up on {lb.port}: {lb.server_states()}")
+        else:
+            say("haproxy      down")
+            healthy = False
+        return 0 if healthy else 1
+
+    def down(self) -> None:
+        """Stop everything this stack started, by recorded pid, front to back."""
+        if self.haproxy().stop():
+            say("haproxy      stopped")
+        for index in self.recorded_replicas():
+            if self.replica(index).stop():
+                say(f"replica-{index}    stopped")
+        if self.pgbouncer().stop():
+            say("PgBouncer    stopped")
+        if self.postgres().stop():
+            say("PostgreSQL   stopped")
+
+
+def say(line: str) -> None:
+    print(line, flush=True)

@@ -1,0 +1,1 @@
+"""pgscale: a FastAPI service on PostgreSQL behind PgBouncer in transaction mode."""

@@ -1,0 +1,51 @@
+"""The FastAPI application: one pool per worker process, opened in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+from fastapi import FastAPI
+
+from service.bodylimit import BodySizeLimit
+from service.db import Database, create_pool, open_pool
+from service.errors import install_error_handlers
+from service.routes import health, items, visits
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger("service")
+
+
+class State(TypedDict):
+    db: Database
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; `settings` defaults to the environment's."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        pool = create_pool(settings)
+        await open_pool(pool, settings)
+        try:
+            yield {"db": Database(pool, settings)}
+        finally:
+            await pool.close()
+            logger.info("pool %r closed", pool.name)
+
+    app = FastAPI(
+        title="pgscale",
+        summary="Items and visits on PostgreSQL behind PgBouncer.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(items.router)
+    app.include_router(visits.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,109 @@
+"""The worker's connection pool, and database calls bounded by one deadline.
+
+Rules for PgBouncer in transaction mode (see DESIGN.md): no server-side prepared
+statements (`prepare_threshold=None`), no session state (only `SET LOCAL`), reads are
+one autocommit statement (one round trip), writes run in an explicit transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from psycopg import AsyncConnection, sql
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from service.errors import DatabaseDeadline
+from service.settings import Settings
+
+logger = logging.getLogger("service.db")
+
+T = TypeVar("T")
+Connection = AsyncConnection[DictRow]
+Pool = AsyncConnectionPool[Connection]
+
+
+def create_pool(settings: Settings) -> Pool:
+    """A closed pool for this worker; `open_pool` opens it in the lifespan."""
+    return AsyncConnectionPool(
+        settings.conninfo,
+        connection_class=AsyncConnection[DictRow],
+        kwargs={
+            "autocommit": True,  # a read is one statement, one round trip
+            "prepare_threshold": None,  # PgBouncer 1.18 cannot track prepared statements
+            "row_factory": dict_row,
+        },
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        timeout=settings.pool_timeout,
+        max_waiting=settings.pool_max_waiting,
+        max_lifetime=settings.pool_max_lifetime,
+        max_idle=settings.pool_max_idle,
+        # A connection that died while idle (PgBouncer restarted, network cut) is
+        # replaced at checkout instead of failing the request that drew it.
+        check=AsyncConnectionPool.check_connection,
+        name=f"{settings.replica_name}-{os.getpid()}",
+        open=False,
+    )
+
+
+async def open_pool(pool: Pool, settings: Settings) -> None:
+    """Open the pool and wait for `pool_min` connections: a bad DSN fails the worker fast."""
+    await pool.open(wait=True, timeout=settings.pool_open_timeout)
+    logger.info("pool %r ready (min=%d, max=%d)", pool.name, pool.min_size, pool.max_size)
+
+
+class Database:
+    """Database calls for one worker, each bounded by DB_DEADLINE.
+
+    The pool's own timeout covers only checking a connection out. Behind PgBouncer a
+    query can then queue for a server connection (`query_wait_timeout`), and run up to
+    `statement_timeout`; the deadline bounds all of it so no request can hang.
+    """
+
+    def __init__(self, pool: Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.deadline = settings.db_deadline
+        self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
+            sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
+        )
+
+    @asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[Connection]:
+        try:
+            async with asyncio.timeout(self.deadline), self.pool.connection() as conn:
+                yield conn
+        except TimeoutError as exc:
+            raise DatabaseDeadline from exc
+
+    async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
+        """Run one read statement in autocommit and return its first row."""
+        async with self._bounded() as conn:
+            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            return await cur.fetchone()
+
+    async def fetch_all(self, query: sql.Composable | str, params: Any = None) -> list[DictRow]:
+        """Run one read statement in autocommit and return all its rows."""
+        async with self._bounded() as conn:
+            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            return await cur.fetchall()
+
+    async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run `work` in one explicit transaction with a statement timeout set LOCAL.
+
+        Pipeline mode sends BEGIN, SET LOCAL and the first statements together, so a
+        short write costs about one round trip more than a read.
+        """
+        async with self._bounded() as conn, conn.pipeline(), conn.transaction():
+            await conn.execute(self._set_statement_timeout)
+            return await work(conn)
+
+    async def ping(self, within: float) -> None:
+        """`SELECT 1` within `within` seconds, connection checkout included."""
+        async with asyncio.timeout(within), self.pool.connection(timeout=within) as conn:
+            await conn.execute("SELECT 1")

@@ -1,0 +1,135 @@
+"""Errors as `application/problem+json` (RFC 9457), mapped in one place.
+
+Routes raise; the handlers here decide the status. No body ever carries SQL, SQLSTATE
+details, a traceback or a file path: what the client sees is written here, by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("service.errors")
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class DatabaseDeadline(Exception):
+    """The whole database call took longer than DB_DEADLINE."""
+
+
+class NotFound(Exception):
+    """The addressed resource does not exist."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+class InvalidReference(Exception):
+    """A body field points at a row that does not exist."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """A problem+json response."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def _unavailable(request: Request, detail: str) -> JSONResponse:
+    retry_after = str(request.app.state.settings.retry_after)
+    return problem(503, "Service Unavailable", detail, headers={"Retry-After": retry_after})
+
+
+def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error the service knows to its HTTP status."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes the offending input back; we name the field and the
+        # rule it broke, never the value (it may be large, binary, or someone's secret).
+        errors = [
+            {"field": _field_name(err.get("loc", ())), "message": err.get("msg", "invalid")}
+            for err in exc.errors()
+        ]
+        fields = ", ".join(e["field"] for e in errors)
+        return problem(422, "Unprocessable Content", f"invalid input: {fields}", errors=errors)
+
+    @app.exception_handler(InvalidReference)
+    async def invalid_reference(request: Request, exc: InvalidReference) -> JSONResponse:
+        errors = [{"field": exc.field, "message": exc.message}]
+        return problem(422, "Unprocessable Content", f"invalid input: {exc.field}", errors=errors)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return problem(404, "Not Found", f"{exc.what} not found")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not Found", 405: "Method Not Allowed", 413: "Content Too Large"}.get(
+            exc.status_code, "Error"
+        )
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return problem(exc.status_code, title, detail, headers=exc.headers)
+
+    @app.exception_handler(PoolTimeout)
+    async def pool_timeout(request: Request, exc: PoolTimeout) -> JSONResponse:
+        logger.warning("no pool connection within POOL_TIMEOUT on %s", request.url.path)
+        return _unavailable(request, "no database connection available in time")
+
+    @app.exception_handler(TooManyRequests)
+    async def too_many_waiting(request: Request, exc: TooManyRequests) -> JSONResponse:
+        logger.warning("pool queue full (POOL_MAX_WAITING) on %s", request.url.path)
+        return _unavailable(request, "too many requests waiting for the database")
+
+    @app.exception_handler(DatabaseDeadline)
+    async def deadline(request: Request, exc: DatabaseDeadline) -> JSONResponse:
+        logger.warning("database call exceeded DB_DEADLINE on %s", request.url.path)
+        return _unavailable(request, "the database did not answer in time")
+
+    @app.exception_handler(psycopg.errors.QueryCanceled)
+    async def statement_timeout(
+        request: Request, exc: psycopg.errors.QueryCanceled
+    ) -> JSONResponse:
+        logger.warning("statement cancelled (STATEMENT_TIMEOUT) on %s", request.url.path)
+        return _unavailable(request, "the database did not answer in time")
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_unavailable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        logger.warning("database unavailable on %s: %s", request.url.path, exc)
+        return _unavailable(request, "the database is unavailable")
+
+    @app.exception_handler(PoolClosed)
+    async def pool_closed(request: Request, exc: PoolClosed) -> JSONResponse:
+        return _unavailable(request, "the service is shutting down")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "Internal Server Error", "an unexpected error occurred")

@@ -1,0 +1,74 @@
+"""Items: create, read, keyset-paginated listing, update, delete."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response
+
+from service import sql
+from service.db import Connection
+from service.deps import DatabaseDep, SettingsDep
+from service.errors import NotFound
+from service.schemas import BIGINT_MAX, Item, ItemCreate, ItemPage, ItemUpdate
+
+router = APIRouter(prefix="/items", tags=["items"])
+
+ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id.")]
+
+
+@router.post("", status_code=201)
+async def create_item(body: ItemCreate, db: DatabaseDep) -> Item:
+    async def insert(conn: Connection) -> Item:
+        cur = await conn.execute(sql.INSERT_ITEM, (body.name, body.description))
+        row = await cur.fetchone()
+        assert row is not None  # INSERT ... RETURNING always returns the row
+        return Item.model_validate(row)
+
+    return await db.transaction(insert)
+
+
+@router.get("/{item_id}")
+async def get_item(item_id: ItemIdPath, db: DatabaseDep) -> Item:
+    row = await db.fetch_one(sql.GET_ITEM, (item_id,))
+    if row is None:
+        raise NotFound("item")
+    return Item.model_validate(row)
+
+
+@router.get("")
+async def list_items(
+    db: DatabaseDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, description="Page size (at most PAGE_LIMIT_MAX).")] = 20,
+    after: Annotated[
+        int, Query(ge=0, le=BIGINT_MAX, description="Return items with id above this.")
+    ] = 0,
+) -> ItemPage:
+    limit = min(limit, settings.page_limit_max)
+    rows = await db.fetch_all(sql.LIST_ITEMS, (after, limit))
+    items = [Item.model_validate(row) for row in rows]
+    next_after = items[-1].id if len(items) == limit else None
+    return ItemPage(items=items, next_after=next_after)
+
+
+@router.patch("/{item_id}")
+async def update_item(item_id: ItemIdPath, body: ItemUpdate, db: DatabaseDep) -> Item:
+    async def update(conn: Connection) -> Item | None:
+        cur = await conn.execute(sql.UPDATE_ITEM, (body.name, body.description, item_id))
+        row = await cur.fetchone()
+        return None if row is None else Item.model_validate(row)
+
+    item = await db.transaction(update)
+    if item is None:
+        raise NotFound("item")
+    return item
+
+
+@router.delete("/{item_id}", status_code=204)
+async def delete_item(item_id: ItemIdPath, db: DatabaseDep) -> Response:
+    async def delete(conn: Connection) -> bool:
+        cur = await conn.execute(sql.DELETE_ITEM, (item_id,))
+        return await cur.fetchone() is not None
+
+    if not await db.transaction(delete):
+        raise NotFound("item")
+    return Response(status_code=204)

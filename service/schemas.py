@@ -1,0 +1,78 @@
+"""Request and response bodies: what the API accepts and returns, and the limits on it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+BIGINT_MAX = 2**63 - 1
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it as bad input rather than fail later.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+Description = Annotated[str, Field(max_length=2000), AfterValidator(_no_nul)]
+ItemId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+
+
+class Strict(BaseModel):
+    """Bodies reject unknown fields, so a typo is a 422 and not a silent no-op."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemCreate(Strict):
+    name: Name
+    description: Description = ""
+
+
+class ItemUpdate(Strict):
+    name: Name | None = None
+    description: Description | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ItemUpdate:
+        if self.name is None and self.description is None:
+            raise ValueError("give at least one of name, description")
+        return self
+
+
+class Item(BaseModel):
+    id: int
+    name: str
+    description: str
+    visits: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ItemPage(BaseModel):
+    items: list[Item]
+    next_after: int | None = Field(
+        description="Pass as `after` to read the next page; null on the last page."
+    )
+
+
+class VisitCreate(Strict):
+    item_id: ItemId
+
+
+class Visit(BaseModel):
+    id: int
+    item_id: int
+    created_at: datetime
+
+
+class VisitCount(BaseModel):
+    count: int
+
+
+class Health(BaseModel):
+    status: str

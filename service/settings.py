@@ -1,0 +1,105 @@
+"""The service's configuration: one class, read from environment variables, validated at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Self
+
+from pydantic import Field, PostgresDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a replica. Environment variables are the field names in upper case.
+
+    The defaults suit the local stack; README.md lists them all.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, env_ignore_empty=True, frozen=True
+    )
+
+    # Where the pool connects: PgBouncer in transaction mode (never put `options` here:
+    # PgBouncer 1.18 disconnects clients that send that startup parameter).
+    database_url: PostgresDsn = Field(
+        default=PostgresDsn("postgresql://app@127.0.0.1:6432/app"),
+        description="libpq URL of PgBouncer (or PostgreSQL) for the application role.",
+    )
+
+    # Pool: small, per worker process.
+    pool_min: int = Field(default=2, ge=0, description="Connections each worker keeps open.")
+    pool_max: int = Field(default=4, ge=1, description="Most connections a worker opens.")
+    pool_timeout: float = Field(
+        default=2.0, gt=0, description="Seconds a request waits for a pool connection (then 503)."
+    )
+    pool_max_waiting: int = Field(
+        default=32, ge=0, description="Requests allowed to queue for a connection (0: no limit)."
+    )
+    pool_open_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds the pool may take to fill at start-up."
+    )
+    pool_max_lifetime: float = Field(
+        default=1800.0, gt=0, description="Seconds before a connection is replaced."
+    )
+    pool_max_idle: float = Field(
+        default=300.0, gt=0, description="Seconds an idle connection above pool_min is kept."
+    )
+
+    # Time bounds on database work.
+    statement_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds a single statement may run (SET LOCAL / role)."
+    )
+    db_deadline: float = Field(
+        default=8.0,
+        gt=0,
+        description="Seconds one request's whole database call may take, queueing included.",
+    )
+    retry_after: int = Field(default=1, ge=1, description="Retry-After seconds on a 503.")
+    readiness_timeout: float = Field(
+        default=1.0, gt=0, description="Seconds /readyz waits for a connection and `SELECT 1`."
+    )
+
+    # HTTP.
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request body accepted (then 413)."
+    )
+    page_limit_max: int = Field(default=100, ge=1, description="Largest `limit` for listings.")
+
+    # Process layout (read by gunicorn's configuration).
+    host: str = Field(default="127.0.0.1", description="Address gunicorn binds.")
+    port: int = Field(default=8001, ge=1, le=65535, description="Port gunicorn binds.")
+    workers: int = Field(default=2, ge=1, description="Uvicorn worker processes per replica.")
+    graceful_timeout: int = Field(
+        default=20, ge=1, description="Seconds in-flight requests get to finish on SIGTERM."
+    )
+    replica_name: str = Field(default="replica-1", description="Label of this replica.")
+    log_level: str = Field(default="info", description="Log level of the service's loggers.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Self:
+        if self.pool_min > self.pool_max:
+            raise ValueError(
+                f"POOL_MIN ({self.pool_min}) must not exceed POOL_MAX ({self.pool_max})"
+            )
+        if self.pool_timeout >= self.db_deadline:
+            raise ValueError(
+                f"POOL_TIMEOUT ({self.pool_timeout}s) must be below DB_DEADLINE "
+                f"({self.db_deadline}s): the deadline covers the wait for a connection"
+            )
+        if self.statement_timeout >= self.db_deadline:
+            raise ValueError(
+                f"STATEMENT_TIMEOUT ({self.statement_timeout}s) must be below DB_DEADLINE "
+                f"({self.db_deadline}s), so the database cancels a query before we give up on it"
+            )
+        return self
+
+    @property
+    def conninfo(self) -> str:
+        """The DSN as libpq reads it."""
+        return str(self.database_url)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
