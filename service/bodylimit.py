@@ -1,44 +1,56 @@
 """Refuse request bodies above MAX_BODY_BYTES with 413, before the app reads them.
 
 Checks the declared Content-Length first, then counts streamed bytes, so a chunked
-upload cannot slip past the limit either.
+upload cannot slip past the limit either. (FastAPI's own `max_body_size` answers a
+declared oversize body in text/plain, outside our problem+json handlers.)
 """
 
 from __future__ import annotations
 
-import json
-
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import problem
 
-class BodyTooLarge(Exception):
-    """The body grew past the limit while streaming."""
+
+class BodyTooLarge(HTTPException):
+    """The body grew past the limit while streaming.
+
+    An HTTPException, so FastAPI's body parsing hands it to our handlers instead of
+    turning it into a 400.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer and cost per request)."""
+    """Pure ASGI middleware (BaseHTTPMiddleware would cost more per request)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
+    def _declared_too_large(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    return int(value) > self.max_bytes
+                except ValueError:
+                    return True
+        return False
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = self.max_bytes + 1
-                if declared > self.max_bytes:
-                    await self._refuse(send)
-                    return
-                break
+        if self._declared_too_large(scope):
+            too_large = BodyTooLarge(self.max_bytes)
+            response = problem(413, "Content Too Large", too_large.detail)
+            await response(scope, receive, send)
+            return
 
         seen = 0
-        response_started = False
 
         async def counting_receive() -> Message:
             nonlocal seen
@@ -46,39 +58,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not response_started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "type": "about:blank",
-                "title": "Content Too Large",
-                "status": 413,
-                "detail": f"request body exceeds {self.max_bytes} bytes",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/problem+json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await self.app(scope, counting_receive, send)

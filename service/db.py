@@ -30,6 +30,7 @@ Pool = AsyncConnectionPool[Connection]
 
 def create_pool(settings: Settings) -> Pool:
     """A closed pool for this worker; `open_pool` opens it in the lifespan."""
+    name = f"{settings.replica_name}-{os.getpid()}"
     return AsyncConnectionPool(
         settings.conninfo,
         connection_class=AsyncConnection[DictRow],
@@ -37,6 +38,8 @@ def create_pool(settings: Settings) -> Pool:
             "autocommit": True,  # a read is one statement, one round trip
             "prepare_threshold": None,  # PgBouncer 1.18 cannot track prepared statements
             "row_factory": dict_row,
+            # PgBouncer's SHOW CLIENTS and pg_stat_activity tell workers apart by this.
+            "application_name": name,
         },
         min_size=settings.pool_min,
         max_size=settings.pool_max,
@@ -47,7 +50,7 @@ def create_pool(settings: Settings) -> Pool:
         # A connection that died while idle (PgBouncer restarted, network cut) is
         # replaced at checkout instead of failing the request that drew it.
         check=AsyncConnectionPool.check_connection,
-        name=f"{settings.replica_name}-{os.getpid()}",
+        name=name,
         open=False,
     )
 

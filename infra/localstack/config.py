@@ -7,9 +7,8 @@ service/settings.py; the stack passes them through to every replica.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -24,11 +23,8 @@ class StackSettings(BaseSettings):
 
     stack_dir: Path = Field(default=REPO / ".stack", description="Data, configs, logs, pids.")
 
-    # Shape.
+    # Shape (WORKERS, POOL_MIN, POOL_MAX and the rest are the service's own settings).
     replicas: int = Field(default=2, ge=1, le=32, description="Service replicas (gunicorns).")
-    workers: int = Field(default=2, ge=1, le=32, description="Uvicorn workers per replica.")
-    pool_min: int = Field(default=2, ge=0, description="Pool connections kept per worker.")
-    pool_max: int = Field(default=4, ge=1, description="Pool connections at most per worker.")
     seed_items: int = Field(default=1000, ge=0, description="Items created by `make up`.")
 
     # Ports (all on 127.0.0.1).
@@ -38,22 +34,30 @@ class StackSettings(BaseSettings):
     postgres_port: int = Field(default=5432, description="PostgreSQL.")
 
     # PgBouncer.
-    pgbouncer_max_client_conn: int = Field(default=1000, ge=1)
-    pgbouncer_default_pool_size: int = Field(default=20, ge=1)
-    pgbouncer_reserve_pool_size: int = Field(default=5, ge=0)
-    pgbouncer_max_db_connections: int = Field(default=30, ge=1)
-    pgbouncer_query_wait_timeout: int = Field(default=5, ge=1)
-    pgbouncer_server_login_retry: int = Field(default=1, ge=1)
+    pgbouncer_max_client_conn: int = Field(
+        default=1000, ge=1, description="Client connections PgBouncer accepts."
+    )
+    pgbouncer_default_pool_size: int = Field(
+        default=20, ge=1, description="Server connections per database/user pool."
+    )
+    pgbouncer_reserve_pool_size: int = Field(
+        default=5, ge=0, description="Extra server connections when clients wait over 1 s."
+    )
+    pgbouncer_max_db_connections: int = Field(
+        default=30, ge=1, description="Hard cap on server connections to the database."
+    )
+    pgbouncer_query_wait_timeout: int = Field(
+        default=5, ge=1, description="Seconds a query may queue for a server connection."
+    )
+    pgbouncer_server_login_retry: int = Field(
+        default=1, ge=1, description="Seconds before retrying a failed server login."
+    )
 
     # PostgreSQL.
-    postgres_max_connections: int = Field(default=100, ge=5)
-    postgres_superuser_reserved: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if self.pool_min > self.pool_max:
-            raise ValueError(f"POOL_MIN ({self.pool_min}) exceeds POOL_MAX ({self.pool_max})")
-        return self
+    postgres_max_connections: int = Field(default=100, ge=5, description="max_connections.")
+    postgres_superuser_reserved: int = Field(
+        default=3, ge=1, description="superuser_reserved_connections."
+    )
 
     def replica_port(self, index: int) -> int:
         """The port of replica `index` (1-based)."""

@@ -21,6 +21,10 @@ from pathlib import Path
 # Database servers refuse to run as root; when we are root they run as this user.
 SERVICE_USER = "postgres"
 
+# Processes this interpreter started and has not reaped yet (a test session, say):
+# holding them keeps Popen from warning, and lets `alive` reap them when they exit.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class StackError(RuntimeError):
     """Something the operator must fix; the message says what."""
@@ -96,6 +100,7 @@ def spawn(
             extra_groups=[] if user else None,
             start_new_session=True,  # outlives `make up`; Ctrl-C in our terminal spares it
         )
+    _children[proc.pid] = proc
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(f"{proc.pid}\n")
     return proc.pid
@@ -112,10 +117,12 @@ def alive(pid: int | None) -> bool:
     """True while `pid` runs (a zombie we have not reaped counts as gone)."""
     if pid is None:
         return False
-    with contextlib.suppress(ChildProcessError):
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _children[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from infra.localstack import procs
 from infra.localstack.config import REPO
+from infra.localstack.render import write_private
 
 
 @dataclass
@@ -43,27 +43,27 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     def full_env(self) -> dict[str, str]:
-        return {
-            **self.env,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "REPLICA_NAME": self.name,
-        }
+        return {"REPLICA_NAME": self.name, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
 
-    def shape(self) -> str:
-        """A fingerprint of the settings it runs with: a change means a restart."""
-        return hashlib.sha256(json.dumps(self.full_env(), sort_keys=True).encode()).hexdigest()
+    def recorded_env(self) -> dict[str, str] | None:
+        """The settings the running process was started with (None: not known)."""
+        try:
+            recorded: dict[str, str] = json.loads(self.shape_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return recorded
 
     def running(self) -> bool:
         return procs.alive(procs.read_pid(self.pid_file))
 
     def current(self) -> bool:
         """Running with exactly the settings asked for."""
-        return (
-            self.running()
-            and self.shape_file.exists()
-            and (self.shape_file.read_text().strip() == self.shape())
-        )
+        return self.running() and self.recorded_env() == self.full_env()
+
+    def port_taken_by_itself(self) -> bool:
+        """Running on the port it is asked to use (so that port is not in anyone's way)."""
+        recorded = self.recorded_env() or {}
+        return self.running() and recorded.get("PORT") == str(self.port)
 
     def start(self) -> None:
         procs.ensure_port_free(self.port, "REPLICA_BASE_PORT")
@@ -81,7 +81,8 @@ class Replica:
             env={**os.environ, **self.full_env()},
             cwd=REPO,
         )
-        self.shape_file.write_text(self.shape() + "\n")
+        # The settings it runs with (the URL holds a password: owner-only file).
+        write_private(self.shape_file, json.dumps(self.full_env(), sort_keys=True))
 
     def ready(self) -> bool:
         return procs.http_status(f"{self.url}/readyz") == 200

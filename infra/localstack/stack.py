@@ -64,14 +64,21 @@ class Stack:
     def haproxy(self) -> Haproxy:
         return Haproxy(self.root / "haproxy", self.settings.lb_port)
 
+    def service_settings(self) -> Settings:
+        """The service settings every replica gets: the environment's, pointed at PgBouncer.
+
+        Validated here, before anything starts, so a bad value stops `make up` early.
+        """
+        url = self.pgbouncer().app_conninfo(APP_ROLE)
+        return Settings(database_url=url)
+
     def service_env(self) -> dict[str, str]:
-        """What every replica runs with (on top of the caller's environment)."""
-        s = self.settings
+        """Every service setting as an environment variable: a change restarts replicas."""
+        per_replica = {"host", "port", "replica_name"}
         return {
-            "DATABASE_URL": self.pgbouncer().app_conninfo(APP_ROLE),
-            "WORKERS": str(s.workers),
-            "POOL_MIN": str(s.pool_min),
-            "POOL_MAX": str(s.pool_max),
+            name.upper(): str(value)
+            for name, value in self.service_settings().model_dump(mode="json").items()
+            if name not in per_replica
         }
 
     def replica(self, index: int) -> Replica:
@@ -89,8 +96,8 @@ class Stack:
     # ---- up -------------------------------------------------------------------------
 
     def check_settings(self) -> Settings:
-        """Validate the service settings the replicas will get, before anything starts."""
-        service = Settings(**{k.lower(): v for k, v in self.service_env().items()})  # type: ignore[arg-type]
+        """Validate the settings the replicas will get, before anything starts."""
+        service = self.service_settings()
         if self.settings.pgbouncer_query_wait_timeout >= service.db_deadline:
             raise procs.StackError(
                 f"PGBOUNCER_QUERY_WAIT_TIMEOUT ({self.settings.pgbouncer_query_wait_timeout}s)"
@@ -102,7 +109,8 @@ class Stack:
     def up(self) -> None:
         """Start what is missing, reshape what changed; return once everything is healthy."""
         s = self.settings
-        self.check_settings()
+        service = self.check_settings()
+        self._check_ports()
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_reachable_by_service_user()
 
@@ -126,11 +134,12 @@ class Stack:
                 continue
             if replica.running():  # settings changed: roll it
                 say(f"{replica.name}    restarting with new settings")
-                self._drain(lb, replica.name)
+                self._set_lb_state(lb, replica.name, "drain")
                 replica.stop()
-            say(f"{replica.name}    127.0.0.1:{replica.port} ({s.workers} workers)")
+            say(f"{replica.name}    127.0.0.1:{replica.port} ({service.workers} workers)")
             replica.start()
             replica.wait_ready()
+            self._set_lb_state(lb, replica.name, "ready")
         lb.apply({self.replica(i).name: self.replica(i).port for i in wanted})
         for index in self.recorded_replicas():
             if index not in wanted:
@@ -146,6 +155,21 @@ class Stack:
         say(f"PgBouncer    postgresql://{APP_ROLE}@127.0.0.1:{bouncer.port}/{APP_DATABASE}")
         say(f"PostgreSQL   postgresql://127.0.0.1:{pg.port}/{APP_DATABASE}")
         say(f"passwords    {self.secrets}/")
+
+    def _check_ports(self) -> None:
+        """Every port a part not yet running needs must be free, before anything starts."""
+        s = self.settings
+        wanted = [
+            (self.postgres().running(), s.postgres_port, "POSTGRES_PORT"),
+            (self.pgbouncer().running(), s.pgbouncer_port, "PGBOUNCER_PORT"),
+            (self.haproxy().running(), s.lb_port, "LB_PORT"),
+        ] + [
+            (self.replica(i).port_taken_by_itself(), s.replica_port(i), "REPLICA_BASE_PORT")
+            for i in range(1, s.replicas + 1)
+        ]
+        for ours, port, variable in wanted:
+            if not ours:
+                procs.ensure_port_free(port, variable)
 
     def _check_reachable_by_service_user(self) -> None:
         user = procs.service_user()
@@ -176,9 +200,10 @@ class Stack:
         say(f"schema       {result.stdout.strip()}")
 
     @staticmethod
-    def _drain(lb: Haproxy, name: str) -> None:
-        if lb.running():
-            lb.command(f"set server replicas/{name} state drain")
+    def _set_lb_state(lb: Haproxy, name: str, state: str) -> None:
+        """Drain a replica before it stops; make it ready again once it is back."""
+        if lb.running() and name in lb.server_states():
+            lb.command(f"set server replicas/{name} state {state}")
 
     @staticmethod
     def _lb_healthy(lb: Haproxy, expected: int) -> bool:

@@ -1,0 +1,160 @@
+"""A throwaway PostgreSQL and PgBouncer for the session, and real service processes.
+
+Everything listens on 127.0.0.1 on free ports, runs from a temporary directory, and is
+stopped by the pid recorded at start, whether the tests pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.localstack import procs
+from infra.localstack.config import REPO
+from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.postgres import Postgres
+from infra.localstack.replicas import Replica
+
+APP = "app"
+APP_PASSWORD = "app-test-password"
+ADMIN_PASSWORD = "admin-test-password"
+
+
+@dataclass
+class Databases:
+    """The session's PostgreSQL and PgBouncer, and how to reach them."""
+
+    root: Path
+    postgres: Postgres
+    bouncer: PgBouncer
+
+    @property
+    def pooled_url(self) -> str:
+        return self.bouncer.app_conninfo(APP)
+
+    @property
+    def direct_url(self) -> str:
+        return f"postgresql://{APP}:{APP_PASSWORD}@127.0.0.1:{self.postgres.port}/{APP}"
+
+    def extra_bouncer(self, name: str, **options: int) -> PgBouncer:
+        """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it."""
+        return PgBouncer(
+            self.root / name,
+            procs.free_port(),
+            self.postgres.port,
+            APP,
+            users={APP: APP_PASSWORD},
+            admin_password=ADMIN_PASSWORD,
+            **options,
+        )
+
+
+@pytest.fixture(scope="session")
+def scratch() -> Iterator[Path]:
+    """A temporary directory the database's user can enter."""
+    root = Path(tempfile.mkdtemp(prefix="pgscale-test-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def databases(scratch: Path) -> Iterator[Databases]:
+    pg = Postgres(scratch / "postgres", procs.free_port(), max_connections=60)
+    bouncer = PgBouncer(
+        scratch / "pgbouncer",
+        procs.free_port(),
+        pg.port,
+        APP,
+        users={APP: APP_PASSWORD},
+        admin_password=ADMIN_PASSWORD,
+        # Few server connections, so many client connections share each one: the
+        # condition under which session state or prepared statements would break.
+        default_pool_size=4,
+        reserve_pool_size=0,
+        max_db_connections=8,
+        query_wait_timeout=3,
+        server_login_retry=1,
+    )
+    try:
+        pg.init()
+        pg.start()
+        pg.ensure_role(APP, APP_PASSWORD)
+        pg.ensure_database(APP, APP)
+        dbs = Databases(scratch, pg, bouncer)
+        migrate(dbs.direct_url, seed=200)
+        bouncer.start()
+        yield dbs
+    finally:
+        bouncer.stop()
+        pg.stop()
+
+
+def migrate(url: str, seed: int = 0, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.migrate", "--seed", str(seed)],
+        env={**os.environ, "DATABASE_URL": url, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+StartService = Callable[..., Replica]
+
+
+@pytest.fixture(scope="session")
+def start_service(scratch: Path, databases: Databases) -> Iterator[StartService]:
+    """Start real gunicorn replicas (settings as keyword arguments); all stop at the end."""
+    started: list[Replica] = []
+    counter = iter(range(1, 10_000))
+
+    def start(**settings: object) -> Replica:
+        env = {"DATABASE_URL": databases.pooled_url, "WORKERS": "1", "LOG_LEVEL": "info"}
+        env.update({key.upper(): str(value) for key, value in settings.items()})
+        replica = Replica(scratch / "replicas", next(counter), procs.free_port(), env)
+        started.append(replica)
+        replica.start()
+        replica.wait_ready()
+        return replica
+
+    try:
+        yield start
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+@pytest.fixture(scope="session")
+def service(start_service: StartService) -> Replica:
+    """One replica with the default settings, shared by the API tests."""
+    return start_service()
+
+
+@pytest.fixture
+def client(service: Replica) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=15) as http:
+        yield http
+
+
+@contextmanager
+def stopped(bouncer: PgBouncer) -> Iterator[None]:
+    """PgBouncer stopped for the duration of the block, then started again."""
+    bouncer.stop()
+    try:
+        yield
+    finally:
+        bouncer.start()

@@ -1,0 +1,57 @@
+"""The real gunicorn with two uvicorn workers, each holding its own small pool."""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from infra.localstack import procs
+from tests.conftest import Databases, StartService
+
+
+def test_two_workers_each_open_their_own_pool(
+    start_service: StartService, databases: Databases
+) -> None:
+    replica = start_service(workers=2, pool_min=3, pool_max=3, replica_name="gunicorn-test")
+
+    def pool_clients() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for client in databases.bouncer.admin("SHOW CLIENTS"):
+            name = client["application_name"]
+            if name.startswith("gunicorn-test-"):
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    # Each worker names its pool after the replica and its pid.
+    assert procs.wait_until(lambda: sorted(pool_clients().values()) == [3, 3], 10), pool_clients()
+    with httpx.Client(base_url=replica.url, timeout=10) as http, ThreadPoolExecutor(16) as pool:
+        statuses = list(
+            pool.map(lambda i: http.get(f"/items/{i % 100 + 1}").status_code, range(400))
+        )
+    assert statuses == [200] * 400
+
+    # At most W x P client connections into PgBouncer, whatever the load.
+    assert sum(pool_clients().values()) == 6
+    workers = {name.rsplit("-", 1)[1] for name in pool_clients()}
+    assert len(workers) == 2
+
+
+def test_sigterm_stops_the_replica_and_closes_its_pools(
+    start_service: StartService, databases: Databases
+) -> None:
+    replica = start_service(workers=2, pool_min=2, replica_name="sigterm-test")
+    pid = procs.read_pid(replica.pid_file)
+
+    def clients() -> int:
+        return sum(
+            1
+            for c in databases.bouncer.admin("SHOW CLIENTS")
+            if c["application_name"].startswith("sigterm-test-")
+        )
+
+    assert procs.wait_until(lambda: clients() == 4, 10)
+    assert procs.stop(pid, signal.SIGTERM, timeout=30)
+    assert procs.wait_until(lambda: clients() == 0, 5)
+    assert "Traceback" not in replica.log.read_text()

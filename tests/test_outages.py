@@ -1,0 +1,70 @@
+"""PgBouncer goes away and comes back: readiness follows, requests fail fast, then recover."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from infra.localstack import procs
+from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.replicas import Replica
+from tests.conftest import APP, Databases, StartService, stopped
+
+POOL_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def own_bouncer(databases: Databases) -> Iterator[PgBouncer]:
+    """A PgBouncer of this module's own, so stopping it disturbs no other test."""
+    bouncer = databases.extra_bouncer("pgbouncer-outage", server_login_retry=1)
+    bouncer.start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+@pytest.fixture(scope="module")
+def replica(start_service: StartService, own_bouncer: PgBouncer) -> Replica:
+    return start_service(
+        database_url=own_bouncer.app_conninfo(APP), pool_timeout=POOL_TIMEOUT, workers=1
+    )
+
+
+def status(url: str) -> int | None:
+    return procs.http_status(url, timeout=10)
+
+
+def test_readiness_follows_pgbouncer(replica: Replica, own_bouncer: PgBouncer) -> None:
+    assert status(f"{replica.url}/readyz") == 200
+    with stopped(own_bouncer):
+        assert procs.wait_until(lambda: status(f"{replica.url}/readyz") == 503, 10)
+        # Liveness never depends on the database.
+        assert status(f"{replica.url}/healthz") == 200
+        started = time.monotonic()
+        resp = httpx.get(f"{replica.url}/items/1", timeout=30)
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "1"
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert elapsed < POOL_TIMEOUT + 1.0
+    assert procs.wait_until(lambda: status(f"{replica.url}/readyz") == 200, 20)
+    # Connections that died with PgBouncer are replaced at checkout: no user sees them.
+    with httpx.Client(base_url=replica.url, timeout=10) as http:
+        statuses = [http.get(f"/items/{i}").status_code for i in range(1, 41)]
+    assert statuses == [200] * 40
+
+
+def test_idle_connections_killed_behind_our_back_are_replaced(
+    replica: Replica, own_bouncer: PgBouncer
+) -> None:
+    """PgBouncer restarted between two requests: the pool's checks hide it entirely."""
+    with httpx.Client(base_url=replica.url, timeout=10) as http:
+        assert http.get("/items/1").status_code == 200
+        own_bouncer.stop()
+        own_bouncer.start()
+        statuses = [http.get(f"/items/{i}").status_code for i in range(1, 21)]
+    assert statuses == [200] * 20
