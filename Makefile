@@ -6,7 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk
+APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter
+EXPORTER_VENV := .venv-exporter
+# prometheus-pgbouncer-exporter 2.1.2 pins these; its own psycopg2 needs a compiler, the
+# binary wheel does not. It gets a virtualenv of its own so its pins touch nothing else.
+EXPORTER_PACKAGES := prometheus-pgbouncer-exporter==2.1.2 psycopg2-binary==2.9.13 \
+	python-json-logger==0.1.11 prometheus-client==0.8.0 pyyaml==6.0.4
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
@@ -20,11 +25,13 @@ $(STAMP): pyproject.toml
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	test -x $(EXPORTER_VENV)/bin/python || $(PYTHON) -m venv $(EXPORTER_VENV)
+	$(EXPORTER_VENV)/bin/pip install -q --no-deps $(EXPORTER_PACKAGES)
 	touch $(STAMP)
 
 up: setup

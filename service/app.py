@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +14,13 @@ from fastapi import FastAPI
 from service.bodylimit import BodySizeLimit
 from service.db import Database, create_pool, open_pool
 from service.errors import install_error_handlers
+from service.metrics import (
+    HTTPMetrics,
+    NullPoolObserver,
+    PoolObserver,
+    PrometheusPoolObserver,
+    publish_pool_stats,
+)
 from service.routes import health, items, visits
 from service.settings import Settings, get_settings
 
@@ -30,9 +39,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         pool = create_pool(settings)
         await open_pool(pool, settings)
+        observer: PoolObserver = NullPoolObserver()
+        publisher = None
+        if settings.metrics_enabled:
+            observer = PrometheusPoolObserver()
+            publisher = asyncio.create_task(
+                publish_pool_stats(pool, settings.pool_stats_interval), name="pool-stats"
+            )
         try:
-            yield {"db": Database(pool, settings)}
+            yield {"db": Database(pool, settings, observer)}
         finally:
+            if publisher is not None:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
             await pool.close()
             logger.info("pool %r closed", pool.name)
 
@@ -48,4 +68,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(items.router)
     app.include_router(visits.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.metrics_enabled:
+        app.add_middleware(HTTPMetrics)  # outermost: it sees every answer, 413s included
     return app

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from service.errors import DatabaseDeadline
+from service.metrics import NullPoolObserver, PoolObserver
 from service.settings import Settings
 
 logger = logging.getLogger("service.db")
@@ -28,10 +30,38 @@ Connection = AsyncConnection[DictRow]
 Pool = AsyncConnectionPool[Connection]
 
 
+class CheckAndSweep:
+    """The pool's `check` callback: a connection that died while idle is replaced unseen.
+
+    It runs `check_connection` at checkout. On the first dead connection it also sweeps
+    every idle one (`pool.check()`): after PgBouncer restarts they are all dead, and
+    psycopg_pool would otherwise try them one by one with a backoff of 1 s, 2 s, ...
+    between tries, long enough for the request to time out although a fresh connection
+    takes milliseconds.
+    """
+
+    def __init__(self) -> None:
+        self.pool: Pool | None = None
+        self._sweeping = False
+
+    async def __call__(self, conn: Connection) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            if self.pool is not None and not self._sweeping:
+                self._sweeping = True
+                try:
+                    await self.pool.check()  # uses check_connection, not this callback
+                finally:
+                    self._sweeping = False
+            raise
+
+
 def create_pool(settings: Settings) -> Pool:
     """A closed pool for this worker; `open_pool` opens it in the lifespan."""
     name = f"{settings.replica_name}-{os.getpid()}"
-    return AsyncConnectionPool(
+    check = CheckAndSweep()
+    pool: Pool = AsyncConnectionPool(
         settings.conninfo,
         connection_class=AsyncConnection[DictRow],
         kwargs={
@@ -49,10 +79,12 @@ def create_pool(settings: Settings) -> Pool:
         max_idle=settings.pool_max_idle,
         # A connection that died while idle (PgBouncer restarted, network cut) is
         # replaced at checkout instead of failing the request that drew it.
-        check=AsyncConnectionPool.check_connection,
+        check=check,
         name=name,
         open=False,
     )
+    check.pool = pool
+    return pool
 
 
 async def open_pool(pool: Pool, settings: Settings) -> None:
@@ -69,19 +101,31 @@ class Database:
     `statement_timeout`; the deadline bounds all of it so no request can hang.
     """
 
-    def __init__(self, pool: Pool, settings: Settings) -> None:
+    def __init__(
+        self, pool: Pool, settings: Settings, observer: PoolObserver | None = None
+    ) -> None:
         self.pool = pool
         self.deadline = settings.db_deadline
+        self.observer = observer or NullPoolObserver()
         self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
             sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
         )
 
     @asynccontextmanager
     async def _bounded(self) -> AsyncIterator[Connection]:
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline), self.pool.connection() as conn:
+                self.observer.acquired(time.perf_counter() - started)
                 yield conn
+        except PoolTimeout:
+            self.observer.timed_out()
+            raise
+        except TooManyRequests:
+            self.observer.rejected()
+            raise
         except TimeoutError as exc:
+            self.observer.deadline_exceeded()
             raise DatabaseDeadline from exc
 
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:

@@ -1,7 +1,17 @@
 """gunicorn configuration: `gunicorn -c python:service.gunicorn_conf service.asgi:app`.
 
-Worker count, bind address and timeouts come from the same Settings as the app.
+Worker count, bind address and timeouts come from the same Settings as the app. The
+master serves the workers' metrics on METRICS_PORT (multiprocess mode), away from the
+public port, and forgets a worker's gauges when it dies.
 """
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from service.settings import get_settings
 
@@ -17,6 +27,42 @@ proc_name = f"pgscale-{_settings.replica_name}"
 accesslog = None  # one line per request costs more than it tells at this scale
 errorlog = "-"
 loglevel = _settings.log_level
+
+# prometheus_client picks multiprocess mode at import time from this variable, so it is
+# set here, in the master, before anything imports the client; workers inherit it.
+if _settings.metrics_enabled:
+    _metrics_dir = _settings.prometheus_multiproc_dir or Path(
+        tempfile.mkdtemp(prefix=f"pgscale-metrics-{_settings.replica_name}-")
+    )
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+
+
+def on_starting(server: Any) -> None:
+    """Wipe samples a previous run left behind: they would be summed into ours."""
+    if _settings.metrics_enabled:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+        _metrics_dir.mkdir(parents=True, exist_ok=True)
+
+
+def when_ready(server: Any) -> None:
+    """Serve every worker's metrics from the master, on the replica's metrics port."""
+    if not _settings.metrics_enabled:
+        return
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(_settings.metrics_port, addr=_settings.host, registry=registry)
+    server.log.info("metrics on http://%s:%d/metrics", _settings.host, _settings.metrics_port)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's gauges must not linger as if it still held connections."""
+    if _settings.metrics_enabled:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
 
 logconfig_dict = {
     "version": 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Self
 
 from pydantic import Field, PostgresDsn, model_validator
@@ -72,6 +73,19 @@ class Settings(BaseSettings):
     graceful_timeout: int = Field(
         default=20, ge=1, description="Seconds in-flight requests get to finish on SIGTERM."
     )
+    # Metrics.
+    metrics_enabled: bool = Field(default=True, description="Collect and serve metrics.")
+    metrics_port: int = Field(
+        default=9101, ge=1, le=65535, description="Port of this replica's /metrics (not public)."
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        description="Where workers write metric samples; wiped at start (default: a new temp dir).",
+    )
+    pool_stats_interval: float = Field(
+        default=1.0, gt=0, description="Seconds between pool statistics snapshots."
+    )
+
     replica_name: str = Field(default="replica-1", description="Label of this replica.")
     log_level: str = Field(default="info", description="Log level of the service's loggers.")
 

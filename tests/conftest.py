@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -46,7 +47,7 @@ class Databases:
     def direct_url(self) -> str:
         return f"postgresql://{APP}:{APP_PASSWORD}@127.0.0.1:{self.postgres.port}/{APP}"
 
-    def extra_bouncer(self, name: str, **options: int) -> PgBouncer:
+    def extra_bouncer(self, name: str, **options: Any) -> PgBouncer:
         """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it."""
         return PgBouncer(
             self.root / name,
@@ -125,7 +126,9 @@ def start_service(scratch: Path, databases: Databases) -> Iterator[StartService]
     def start(**settings: object) -> Replica:
         env = {"DATABASE_URL": databases.pooled_url, "WORKERS": "1", "LOG_LEVEL": "info"}
         env.update({key.upper(): str(value) for key, value in settings.items()})
-        replica = Replica(scratch / "replicas", next(counter), procs.free_port(), env)
+        replica = Replica(
+            scratch / "replicas", next(counter), procs.free_port(), procs.free_port(), env
+        )
         started.append(replica)
         replica.start()
         replica.wait_ready()

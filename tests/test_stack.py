@@ -31,11 +31,12 @@ def stack_env(scratch: Path) -> Iterator[dict[str, str]]:
         "PGBOUNCER_PORT": str(procs.free_port()),
         "POSTGRES_PORT": str(procs.free_port()),
     }
-    # Three consecutive free ports for the replicas.
-    base = procs.free_port()
-    while not all(_free(base + i) for i in range(3)):
+    # Three consecutive free ports for the replicas, and three for their metrics.
+    for variable in ("REPLICA_BASE_PORT", "METRICS_BASE_PORT"):
         base = procs.free_port()
-    env["REPLICA_BASE_PORT"] = str(base)
+        while not all(_free(base + i) for i in range(3)):
+            base = procs.free_port()
+        env[variable] = str(base)
     try:
         yield env
     finally:

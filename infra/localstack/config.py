@@ -30,8 +30,14 @@ class StackSettings(BaseSettings):
     # Ports (all on 127.0.0.1).
     lb_port: int = Field(default=8000, description="haproxy, the public entry point.")
     replica_base_port: int = Field(default=8001, description="Replica i listens on base + i - 1.")
+    metrics_base_port: int = Field(
+        default=9101, description="Replica i serves /metrics on base + i - 1."
+    )
     pgbouncer_port: int = Field(default=6432, description="PgBouncer.")
     postgres_port: int = Field(default=5432, description="PostgreSQL.")
+    prometheus_port: int = Field(default=9090, description="Prometheus.")
+    pgbouncer_exporter_port: int = Field(default=9127, description="The PgBouncer exporter.")
+    postgres_exporter_port: int = Field(default=9187, description="The PostgreSQL exporter.")
 
     # PgBouncer.
     pgbouncer_max_client_conn: int = Field(
@@ -62,3 +68,7 @@ class StackSettings(BaseSettings):
     def replica_port(self, index: int) -> int:
         """The port of replica `index` (1-based)."""
         return self.replica_base_port + index - 1
+
+    def metrics_port(self, index: int) -> int:
+        """The metrics port of replica `index` (1-based)."""
+        return self.metrics_base_port + index - 1

@@ -13,7 +13,8 @@ from psycopg.rows import dict_row
 from infra.localstack import procs
 from infra.localstack.render import render, write_private
 
-ADMIN_USER = "pgbouncer_admin"
+ADMIN_USER = "pgbouncer_admin"  # the console's admin: PAUSE, RELOAD, SHUTDOWN
+STATS_USER = "pgbouncer_stats"  # read-only SHOW commands, for the exporter and samplers
 
 # PgBouncer 1.18: SIGINT waits for clients to finish (safe); SIGTERM stops at once.
 SAFE_SHUTDOWN, IMMEDIATE_SHUTDOWN = signal.SIGINT, signal.SIGTERM
@@ -29,6 +30,7 @@ class PgBouncer:
     database: str
     users: dict[str, str] = field(default_factory=dict)  # role -> password
     admin_password: str = ""
+    stats_password: str = ""
     max_client_conn: int = 1000
     default_pool_size: int = 20
     reserve_pool_size: int = 5
@@ -62,6 +64,7 @@ class PgBouncer:
             "PGBOUNCER_PORT": self.port,
             "PGBOUNCER_AUTH_FILE": self.auth_file,
             "PGBOUNCER_ADMIN_USER": ADMIN_USER,
+            "PGBOUNCER_STATS_USER": STATS_USER,
             "PGBOUNCER_MAX_CLIENT_CONN": self.max_client_conn,
             "PGBOUNCER_DEFAULT_POOL_SIZE": self.default_pool_size,
             "PGBOUNCER_RESERVE_POOL_SIZE": self.reserve_pool_size,
@@ -77,6 +80,8 @@ class PgBouncer:
         # Plain passwords let PgBouncer answer SCRAM from clients *and* log in to
         # PostgreSQL with SCRAM itself; the file is readable by its owner only.
         users = {**self.users, ADMIN_USER: self.admin_password}
+        if self.stats_password:
+            users[STATS_USER] = self.stats_password
         lines = [f'"{user}" "{password}"' for user, password in sorted(users.items())]
         write_private(self.auth_file, "\n".join(lines) + "\n")
         procs.hand_to_service_user(self.ini, self.auth_file)

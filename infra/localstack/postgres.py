@@ -128,6 +128,13 @@ class Postgres:
                 )
             )
 
+    def grant_role(self, group: str, member: str) -> None:
+        """Make `member` a member of `group` (e.g. pg_monitor for the exporter)."""
+        with psycopg.connect(self.superuser_conninfo(), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(member))
+            )
+
     def ensure_database(self, name: str, owner: str) -> None:
         """A database owned by `owner`, so the application role owns what it creates."""
         with psycopg.connect(self.superuser_conninfo(), autocommit=True) as conn:

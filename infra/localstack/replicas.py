@@ -20,6 +20,7 @@ class Replica:
     root: Path
     index: int
     port: int
+    metrics_port: int
     env: dict[str, str] = field(default_factory=dict)  # service settings for this replica
 
     @property
@@ -39,11 +40,26 @@ class Replica:
         return self.root / f"{self.name}.log"
 
     @property
+    def metrics_dir(self) -> Path:
+        return self.root / f"{self.name}.metrics"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def full_env(self) -> dict[str, str]:
-        return {"REPLICA_NAME": self.name, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        return {
+            "REPLICA_NAME": self.name,
+            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+            **self.env,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "METRICS_PORT": str(self.metrics_port),
+        }
 
     def recorded_env(self) -> dict[str, str] | None:
         """The settings the running process was started with (None: not known)."""
@@ -60,13 +76,18 @@ class Replica:
         """Running with exactly the settings asked for."""
         return self.running() and self.recorded_env() == self.full_env()
 
-    def port_taken_by_itself(self) -> bool:
-        """Running on the port it is asked to use (so that port is not in anyone's way)."""
+    def ports_taken_by_itself(self) -> bool:
+        """Running on the ports it is asked to use (so they are in nobody else's way)."""
         recorded = self.recorded_env() or {}
-        return self.running() and recorded.get("PORT") == str(self.port)
+        return (
+            self.running()
+            and recorded.get("PORT") == str(self.port)
+            and recorded.get("METRICS_PORT") == str(self.metrics_port)
+        )
 
     def start(self) -> None:
         procs.ensure_port_free(self.port, "REPLICA_BASE_PORT")
+        procs.ensure_port_free(self.metrics_port, "METRICS_BASE_PORT")
         procs.spawn(
             [
                 sys.executable,

@@ -11,7 +11,8 @@ from pathlib import Path
 from infra.localstack import procs
 from infra.localstack.config import REPO, StackSettings
 from infra.localstack.haproxy import Haproxy
-from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.monitoring import PgBouncerExporter, PostgresExporter, Prometheus
+from infra.localstack.pgbouncer import STATS_USER, PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
@@ -19,6 +20,7 @@ from service.settings import Settings
 
 APP_ROLE = "app"
 APP_DATABASE = "app"
+EXPORTER_ROLE = "pgscale_exporter"  # PostgreSQL role of the exporter: pg_monitor only
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Stack:
             APP_DATABASE,
             users={APP_ROLE: password(self.secrets, APP_ROLE)},
             admin_password=password(self.secrets, "pgbouncer_admin"),
+            stats_password=password(self.secrets, STATS_USER),
             max_client_conn=s.pgbouncer_max_client_conn,
             default_pool_size=s.pgbouncer_default_pool_size,
             reserve_pool_size=s.pgbouncer_reserve_pool_size,
@@ -64,6 +67,56 @@ class Stack:
     def haproxy(self) -> Haproxy:
         return Haproxy(self.root / "haproxy", self.settings.lb_port)
 
+    def pgbouncer_exporter(self) -> PgBouncerExporter:
+        s = self.settings
+        return PgBouncerExporter(
+            "pgbouncer-exporter",
+            self.root / "monitoring",
+            s.pgbouncer_exporter_port,
+            "PGBOUNCER_EXPORTER_PORT",
+            pgbouncer_port=s.pgbouncer_port,
+            stats_user=STATS_USER,
+            stats_password=password(self.secrets, STATS_USER),
+        )
+
+    def postgres_exporter(self) -> PostgresExporter:
+        s = self.settings
+        dsn = (
+            f"postgresql://{EXPORTER_ROLE}:{password(self.secrets, EXPORTER_ROLE)}"
+            f"@127.0.0.1:{s.postgres_port}/postgres?sslmode=disable"
+        )
+        return PostgresExporter(
+            "postgres-exporter",
+            self.root / "monitoring",
+            s.postgres_exporter_port,
+            "POSTGRES_EXPORTER_PORT",
+            dsn=dsn,
+        )
+
+    def prometheus(self, replicas: int | None = None) -> Prometheus:
+        """Prometheus scraping the replicas (the first `replicas`) and the exporters."""
+        s = self.settings
+        count = s.replicas if replicas is None else replicas
+        api: list[dict[str, object]] = [
+            {"targets": [f"127.0.0.1:{s.metrics_port(i)}"], "labels": {"replica": f"replica-{i}"}}
+            for i in range(1, count + 1)
+        ]
+        return Prometheus(
+            "prometheus",
+            self.root / "prometheus",
+            s.prometheus_port,
+            "PROMETHEUS_PORT",
+            targets={
+                "api": api,
+                "pgbouncer": [{"targets": [f"127.0.0.1:{s.pgbouncer_exporter_port}"]}],
+                "postgres": [{"targets": [f"127.0.0.1:{s.postgres_exporter_port}"]}],
+                "prometheus": [{"targets": [f"127.0.0.1:{s.prometheus_port}"]}],
+            },
+        )
+
+    def observers(self) -> list[PgBouncerExporter | PostgresExporter | Prometheus]:
+        return [self.pgbouncer_exporter(), self.postgres_exporter(), self.prometheus()]
+
     def service_settings(self) -> Settings:
         """The service settings every replica gets: the environment's, pointed at PgBouncer.
 
@@ -74,7 +127,7 @@ class Stack:
 
     def service_env(self) -> dict[str, str]:
         """Every service setting as an environment variable: a change restarts replicas."""
-        per_replica = {"host", "port", "replica_name"}
+        per_replica = {"host", "port", "metrics_port", "replica_name", "prometheus_multiproc_dir"}
         return {
             name.upper(): str(value)
             for name, value in self.service_settings().model_dump(mode="json").items()
@@ -83,7 +136,11 @@ class Stack:
 
     def replica(self, index: int) -> Replica:
         return Replica(
-            self.root / "replicas", index, self.settings.replica_port(index), self.service_env()
+            self.root / "replicas",
+            index,
+            self.settings.replica_port(index),
+            self.settings.metrics_port(index),
+            self.service_env(),
         )
 
     def recorded_replicas(self) -> list[int]:
@@ -120,11 +177,15 @@ class Stack:
         pg.start()
         pg.ensure_role(APP_ROLE, password(self.secrets, APP_ROLE))
         pg.ensure_database(APP_DATABASE, APP_ROLE)
+        pg.ensure_role(EXPORTER_ROLE, password(self.secrets, EXPORTER_ROLE))
+        pg.grant_role("pg_monitor", EXPORTER_ROLE)
         self._migrate(pg)
 
         bouncer = self.pgbouncer()
         say(f"PgBouncer    127.0.0.1:{bouncer.port} (pool_mode = transaction)")
         bouncer.start()
+        for exporter in (self.pgbouncer_exporter(), self.postgres_exporter()):
+            exporter.start()
 
         lb = self.haproxy()
         wanted = list(range(1, s.replicas + 1))
@@ -148,10 +209,18 @@ class Stack:
                 replica.stop()
         if not procs.wait_until(lambda: self._lb_healthy(lb, len(wanted)), 15.0, interval=0.2):
             raise procs.StackError(f"haproxy does not see every replica UP: {lb.server_states()}")
+        prometheus = self.prometheus()
+        was_running = prometheus.running()
+        prometheus.start()
+        if was_running:
+            prometheus.reload()  # rules may have changed; targets are picked up anyway
         say("")
         say(f"API          {lb.url}   (try: curl {lb.url}/items/1)")
         for index in wanted:
             say(f"  {self.replica(index).name}  {self.replica(index).url}")
+        for index in wanted:
+            say(f"  {self.replica(index).name}  metrics {self.replica(index).metrics_url}")
+        say(f"Prometheus   {prometheus.url}")
         say(f"PgBouncer    postgresql://{APP_ROLE}@127.0.0.1:{bouncer.port}/{APP_DATABASE}")
         say(f"PostgreSQL   postgresql://127.0.0.1:{pg.port}/{APP_DATABASE}")
         say(f"passwords    {self.secrets}/")
@@ -163,9 +232,17 @@ class Stack:
             (self.postgres().running(), s.postgres_port, "POSTGRES_PORT"),
             (self.pgbouncer().running(), s.pgbouncer_port, "PGBOUNCER_PORT"),
             (self.haproxy().running(), s.lb_port, "LB_PORT"),
-        ] + [
-            (self.replica(i).port_taken_by_itself(), s.replica_port(i), "REPLICA_BASE_PORT")
+        ]
+        wanted += [
+            (daemon.running(), daemon.port, daemon.port_variable) for daemon in self.observers()
+        ]
+        wanted += [
+            (self.replica(i).ports_taken_by_itself(), port, variable)
             for i in range(1, s.replicas + 1)
+            for port, variable in (
+                (s.replica_port(i), "REPLICA_BASE_PORT"),
+                (s.metrics_port(i), "METRICS_BASE_PORT"),
+            )
         ]
         for ours, port, variable in wanted:
             if not ours:
@@ -256,10 +333,17 @@ class Stack:
         else:
             say("haproxy      down")
             healthy = False
+        for daemon in self.observers():
+            ready = daemon.ready()
+            say(f"{daemon.name:<12} {daemon.url}  {'up' if ready else 'down'}")
+            healthy = healthy and ready
         return 0 if healthy else 1
 
     def down(self) -> None:
         """Stop everything this stack started, by recorded pid, front to back."""
+        for daemon in reversed(self.observers()):
+            if daemon.stop():
+                say(f"{daemon.name:<12} stopped")
         if self.haproxy().stop():
             say("haproxy      stopped")
         for index in self.recorded_replicas():

@@ -1,0 +1,166 @@
+"""The stack's observers: the PgBouncer and PostgreSQL exporters, and Prometheus."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.localstack import procs
+from infra.localstack.config import REPO
+from infra.localstack.render import INFRA, render, write_private
+
+# prometheus-pgbouncer-exporter pins old libraries, so it lives in a virtualenv of its
+# own (`make setup` builds it).
+PGBOUNCER_EXPORTER = REPO / ".venv-exporter" / "bin" / "pgbouncer-exporter"
+POSTGRES_EXPORTER = "prometheus-postgres-exporter"
+
+
+@dataclass
+class Daemon:
+    """A long-running helper process with one HTTP port that says when it is ready."""
+
+    name: str
+    root: Path
+    port: int
+    port_variable: str
+    ready_path: str = "/metrics"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return procs.alive(procs.read_pid(self.pid_file))
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write whatever config the process reads, before it starts or reloads."""
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        if not self.running():
+            procs.ensure_port_free(self.port, self.port_variable)
+            argv, env = self.command()
+            procs.spawn(argv, self.log, self.pid_file, env={**_base_env(), **env})
+
+        def ready_or_dead() -> bool:
+            return self.ready() or not self.running()
+
+        procs.wait_until(ready_or_dead, timeout, interval=0.2)
+        if not self.ready():
+            raise procs.StackError(f"{self.name} did not start:\n{procs.tail(self.log)}")
+
+    def ready(self) -> bool:
+        return procs.http_status(f"{self.url}{self.ready_path}") == 200
+
+    def stop(self) -> bool:
+        return procs.stop_recorded(self.pid_file, signal.SIGTERM, timeout=10)
+
+
+def _base_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key in ("PATH", "HOME", "LANG")}
+
+
+@dataclass
+class PgBouncerExporter(Daemon):
+    pgbouncer_port: int = 6432
+    stats_user: str = ""
+    stats_password: str = ""
+
+    @property
+    def config(self) -> Path:
+        return self.root / "pgbouncer-exporter.yml"
+
+    def prepare(self) -> None:
+        text = render(
+            "pgbouncer/exporter.yml",
+            {
+                "PGBOUNCER_EXPORTER_LISTEN": "127.0.0.1",
+                "PGBOUNCER_EXPORTER_PORT": self.port,
+                "PGBOUNCER_STATS_USER": self.stats_user,
+                "PGBOUNCER_STATS_PASSWORD": self.stats_password,
+                "PGBOUNCER_HOST": "127.0.0.1",
+                "PGBOUNCER_PORT": self.pgbouncer_port,
+                "PGBOUNCER_NAME": "pgbouncer-1",
+            },
+        )
+        write_private(self.config, text)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        if not PGBOUNCER_EXPORTER.exists():
+            raise procs.StackError(f"{PGBOUNCER_EXPORTER} is missing: run `make setup`")
+        return [str(PGBOUNCER_EXPORTER), "--config", str(self.config)], {}
+
+
+@dataclass
+class PostgresExporter(Daemon):
+    dsn: str = ""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return [
+            POSTGRES_EXPORTER,
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ], {"DATA_SOURCE_NAME": self.dsn}
+
+
+@dataclass
+class Prometheus(Daemon):
+    """Prometheus with infra/prometheus's config and rules, copied as they are."""
+
+    ready_path: str = "/-/ready"
+    targets: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    def prepare(self) -> None:
+        source = INFRA / "prometheus"
+        rules = self.config_dir / "rules"
+        shutil.rmtree(rules, ignore_errors=True)
+        rules.mkdir(parents=True)
+        shutil.copy2(source / "prometheus.yml", self.config_dir / "prometheus.yml")
+        for rule_file in sorted((source / "rules").glob("*.yml")):
+            shutil.copy2(rule_file, rules / rule_file.name)
+        self.write_targets()
+
+    def write_targets(self) -> None:
+        """file_sd target files; Prometheus notices changes by itself."""
+        directory = self.config_dir / "targets"
+        directory.mkdir(parents=True, exist_ok=True)
+        for job, groups in self.targets.items():
+            path = directory / f"{job}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(groups, indent=2))
+            tmp.replace(path)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return [
+            "prometheus",
+            f"--config.file={self.config_dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+            "--storage.tsdb.retention.time=2d",
+        ], {}
+
+    def reload(self) -> None:
+        """Re-read config and rules (targets need no reload)."""
+        pid = procs.read_pid(self.pid_file)
+        if pid is not None and self.running():
+            os.kill(pid, signal.SIGHUP)

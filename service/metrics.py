@@ -1,0 +1,198 @@
+"""Prometheus metrics of one replica: pool saturation per worker, and HTTP traffic.
+
+Under gunicorn every worker writes its samples to PROMETHEUS_MULTIPROC_DIR and the
+master serves them all on the replica's own metrics port (service/gunicorn_conf.py).
+Gauges are `liveall`: each worker is a series with its `pid` label, and its series
+go away when it dies (`mark_process_dead` in gunicorn's `child_exit`). Counters and
+histograms are summed over the replica's workers, dead ones included, so rates never
+jump backwards when a worker is replaced.
+
+Custom collectors cannot work across processes, so each worker pushes its pool's
+statistics into gauges and counters from a periodic task (`publish_pool_stats`).
+docs/metrics.md lists every metric; tests check that list against this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg_pool import AsyncConnectionPool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("service.metrics")
+
+
+def _worker_gauge(name: str, documentation: str) -> Gauge:
+    return Gauge(name, documentation, multiprocess_mode="liveall")
+
+
+# ---- the pool, per worker -------------------------------------------------------------
+
+POOL_MIN = _worker_gauge("pgscale_pool_min_connections", "Configured POOL_MIN of the worker.")
+POOL_MAX = _worker_gauge("pgscale_pool_max_connections", "Configured POOL_MAX of the worker.")
+POOL_SIZE = _worker_gauge(
+    "pgscale_pool_connections", "Connections the pool holds now: in use, idle or opening."
+)
+POOL_IN_USE = _worker_gauge(
+    "pgscale_pool_connections_in_use", "Connections checked out by requests now."
+)
+POOL_AVAILABLE = _worker_gauge(
+    "pgscale_pool_connections_available", "Idle connections ready for a request now."
+)
+POOL_WAITING = _worker_gauge(
+    "pgscale_pool_requests_waiting", "Requests queued for a connection now."
+)
+POOL_ACQUIRE_SECONDS = Histogram(
+    "pgscale_pool_acquire_wait_seconds",
+    "Time a request waited for a pool connection (successful checkouts).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+POOL_TIMEOUTS = Counter(
+    "pgscale_pool_acquire_timeouts",
+    "Requests that got no connection within POOL_TIMEOUT (answered 503).",
+)
+POOL_REJECTED = Counter(
+    "pgscale_pool_rejected",
+    "Requests refused at once because POOL_MAX_WAITING were already queued (503).",
+)
+DB_DEADLINE_EXCEEDED = Counter(
+    "pgscale_db_deadline_exceeded",
+    "Database calls cut off by DB_DEADLINE (503).",
+)
+POOL_CONNECTION_ERRORS = Counter(
+    "pgscale_pool_connection_errors",
+    "Failed attempts to open a connection to PgBouncer.",
+)
+POOL_CONNECTIONS_LOST = Counter(
+    "pgscale_pool_connections_lost",
+    "Connections found broken at checkout (and replaced).",
+)
+POOL_BAD_RETURNS = Counter(
+    "pgscale_pool_bad_returns",
+    "Connections returned to the pool in a bad state (and discarded).",
+)
+
+# ---- HTTP -----------------------------------------------------------------------------
+
+HTTP_REQUESTS = Counter(
+    "pgscale_http_requests",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "pgscale_http_request_duration_seconds",
+    "Time from request to the end of the response, by route template and method.",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+HTTP_IN_FLIGHT = _worker_gauge(
+    "pgscale_http_requests_in_flight", "Requests being handled by the worker now."
+)
+
+UNMATCHED_ROUTE = "<unmatched>"  # keeps scanners' random paths out of the label set
+
+
+class PoolObserver(Protocol):
+    """What the database layer reports about checkouts."""
+
+    def acquired(self, seconds: float) -> None: ...
+    def timed_out(self) -> None: ...
+    def rejected(self) -> None: ...
+    def deadline_exceeded(self) -> None: ...
+
+
+class NullPoolObserver:
+    """Metrics off."""
+
+    def acquired(self, seconds: float) -> None:
+        pass
+
+    def timed_out(self) -> None:
+        pass
+
+    def rejected(self) -> None:
+        pass
+
+    def deadline_exceeded(self) -> None:
+        pass
+
+
+class PrometheusPoolObserver:
+    """Checkout outcomes into the metrics above."""
+
+    def acquired(self, seconds: float) -> None:
+        POOL_ACQUIRE_SECONDS.observe(seconds)
+
+    def timed_out(self) -> None:
+        POOL_TIMEOUTS.inc()
+
+    def rejected(self) -> None:
+        POOL_REJECTED.inc()
+
+    def deadline_exceeded(self) -> None:
+        DB_DEADLINE_EXCEEDED.inc()
+
+
+def record_pool_stats(pool: AsyncConnectionPool[Any]) -> None:
+    """Copy one snapshot of the pool's statistics into the metrics.
+
+    `pop_stats` resets the pool's counters, so each call adds what happened since the
+    last one. Keys may be absent when zero.
+    """
+    stats = pool.pop_stats()
+    size = stats.get("pool_size", 0)
+    available = stats.get("pool_available", 0)
+    POOL_MIN.set(stats.get("pool_min", pool.min_size))
+    POOL_MAX.set(stats.get("pool_max", pool.max_size))
+    POOL_SIZE.set(size)
+    POOL_AVAILABLE.set(available)
+    POOL_IN_USE.set(max(0, size - available))
+    POOL_WAITING.set(stats.get("requests_waiting", 0))
+    POOL_CONNECTION_ERRORS.inc(stats.get("connections_errors", 0))
+    POOL_CONNECTIONS_LOST.inc(stats.get("connections_lost", 0))
+    POOL_BAD_RETURNS.inc(stats.get("returns_bad", 0))
+
+
+async def publish_pool_stats(pool: AsyncConnectionPool[Any], interval: float) -> None:
+    """Record the pool's statistics every `interval` seconds until cancelled."""
+    while True:
+        try:
+            record_pool_stats(pool)
+        except Exception:  # a metrics hiccup must never take the worker down
+            logger.exception("could not record pool statistics")
+        await asyncio.sleep(interval)
+
+
+class HTTPMetrics:
+    """Pure ASGI middleware: count and time every HTTP request by its route template."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the server answers if the app raises before responding
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        HTTP_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            HTTP_IN_FLIGHT.dec()
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            method = scope["method"]
+            HTTP_REQUESTS.labels(template, method, str(status)).inc()
+            HTTP_DURATION.labels(template, method).observe(time.perf_counter() - started)

@@ -1,0 +1,235 @@
+"""The live proof: the whole stack under load, scraped by Prometheus, and every panel
+query of every dashboard answered with data. Also: per-worker pool series, summed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from infra.localstack import procs
+from infra.localstack.config import StackSettings
+from infra.localstack.stack import Stack
+from tests.conftest import Databases, StartService
+from tests.test_observability import DASHBOARDS, panels
+
+RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape, ...))
+
+
+@pytest.fixture(scope="module")
+def live_stack(scratch: Path) -> Iterator[Stack]:
+    ports: dict[str, Any] = {
+        name: procs.free_port()
+        for name in (
+            "lb_port",
+            "pgbouncer_port",
+            "postgres_port",
+            "prometheus_port",
+            "pgbouncer_exporter_port",
+            "postgres_exporter_port",
+        )
+    }
+    settings = StackSettings(
+        stack_dir=scratch / "live-stack",
+        replicas=2,
+        seed_items=100,
+        replica_base_port=consecutive_free_ports(2),
+        metrics_base_port=consecutive_free_ports(2),
+        **ports,
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WORKERS", "2")
+        env.setenv("POOL_MIN", "1")
+        env.setenv("POOL_MAX", "3")
+        stack = Stack(settings)
+        try:
+            stack.up()
+            yield stack
+        finally:
+            stack.down()
+
+
+def consecutive_free_ports(count: int) -> int:
+    while True:
+        base = procs.free_port()
+        if all(not procs.port_open(base + i) for i in range(count)):
+            return base
+
+
+@pytest.fixture(scope="module")
+def under_load(live_stack: Stack) -> Iterator[None]:
+    """Reads, writes, 404s and 422s through the load balancer until the module ends."""
+    stop = threading.Event()
+    url = live_stack.haproxy().url
+
+    def drive() -> None:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                http.get(f"/items/{i % 100 + 1}")
+                http.post("/visits", json={"item_id": i % 100 + 1})
+                if i % 10 == 0:
+                    http.get("/items/999999")
+                    http.get("/items?limit=0")
+
+    threads = [threading.Thread(target=drive) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def query(stack: Stack, expr: str) -> list[dict[str, Any]]:
+    url = f"{stack.prometheus().url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    body = httpx.get(url, timeout=10).json()
+    assert body["status"] == "success", (expr, body)
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def scraped(live_stack: Stack, under_load: None) -> Stack:
+    """Wait until Prometheus has seen traffic from every replica and both exporters."""
+
+    def ready() -> bool:
+        return (
+            len(query(live_stack, "rate(pgscale_http_requests_total[1m]) > 0")) > 0
+            and len(query(live_stack, "count by (replica) (pgscale_pool_max_connections)")) == 2
+            and len(query(live_stack, "pgbouncer_up == 1")) == 1
+            and len(query(live_stack, "pg_up == 1")) == 1
+            and len(query(live_stack, "pgscale:pool_max_connections:sum")) == 1
+        )
+
+    assert procs.wait_until(ready, 60, interval=1), "Prometheus never saw the stack under load"
+    return live_stack
+
+
+def test_every_target_is_up(scraped: Stack) -> None:
+    targets = httpx.get(f"{scraped.prometheus().url}/api/v1/targets", timeout=10).json()
+    active = targets["data"]["activeTargets"]
+    assert {t["labels"]["job"] for t in active} == {"api", "pgbouncer", "postgres", "prometheus"}
+    assert len(active) == 5
+    assert all(t["health"] == "up" for t in active), [
+        (t["scrapeUrl"], t["lastError"]) for t in active
+    ]
+
+
+def test_every_rule_loads_and_evaluates(scraped: Stack) -> None:
+    rules = httpx.get(f"{scraped.prometheus().url}/api/v1/rules", timeout=10).json()
+    groups = rules["data"]["groups"]
+    assert groups
+    for group in groups:
+        for rule in group["rules"]:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+
+
+def substitute(expr: str) -> str:
+    """What Grafana sends with every variable at "All"."""
+    expr = expr.replace("$__rate_interval", RATE_INTERVAL)
+    return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
+
+
+PANEL_QUERIES = [
+    pytest.param(target["expr"], id=f"{path.stem}: {panel['title']} [{target['refId']}]")
+    for path in DASHBOARDS
+    for panel in panels(json.loads(path.read_text()))
+    for target in panel["targets"]
+]
+
+
+@pytest.mark.parametrize("expr", PANEL_QUERIES)
+def test_every_panel_query_returns_data(scraped: Stack, expr: str) -> None:
+    assert query(scraped, substitute(expr)), f"no data for {substitute(expr)}"
+
+
+def test_every_template_variable_has_values(scraped: Stack) -> None:
+    for path in DASHBOARDS:
+        for variable in json.loads(path.read_text())["templating"]["list"]:
+            if variable["type"] != "query":
+                continue
+            metric, label = re.fullmatch(
+                r"label_values\((\w+), (\w+)\)", variable["query"]["query"]
+            ).groups()  # type: ignore[union-attr]
+            url = f"{scraped.prometheus().url}/api/v1/label/{label}/values"
+            values = httpx.get(url, params={"match[]": metric}, timeout=10).json()["data"]
+            assert values, (path.name, variable["name"])
+
+
+def test_replica_metrics_show_each_worker_moving_with_load(scraped: Stack) -> None:
+    replica = scraped.replica(1)
+    families = {
+        f.name: f for f in text_string_to_metric_families(httpx.get(replica.metrics_url).text)
+    }
+    in_use = families["pgscale_pool_connections_in_use"].samples
+    assert len({s.labels["pid"] for s in in_use}) == 2
+    peak = 0.0
+    for _ in range(20):  # the gauge is a 1 s snapshot: look a few times
+        text = httpx.get(replica.metrics_url).text
+        for family in text_string_to_metric_families(text):
+            if family.name == "pgscale_pool_connections_in_use":
+                peak = max(peak, sum(s.value for s in family.samples))
+        time.sleep(0.25)
+    assert peak > 0, "under load some connections must be in use"
+    max_total = sum(s.value for s in families["pgscale_pool_max_connections"].samples)
+    assert max_total == 2 * 3  # W x POOL_MAX
+
+
+def metric_samples(url: str, name: str) -> dict[str, float]:
+    """pid -> value of one gauge on a replica's metrics port."""
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        if family.name == name:
+            return {s.labels["pid"]: s.value for s in family.samples}
+    return {}
+
+
+def test_two_workers_pool_gauges_are_visible_and_sum(
+    start_service: StartService, databases: Databases
+) -> None:
+    replica = start_service(workers=2, pool_min=3, pool_max=5, replica_name="metrics-test")
+
+    def settled() -> bool:
+        sizes = metric_samples(replica.metrics_url, "pgscale_pool_connections")
+        return len(sizes) == 2 and sum(sizes.values()) == 6
+
+    assert procs.wait_until(settled, 10), metric_samples(
+        replica.metrics_url, "pgscale_pool_connections"
+    )
+    # What the workers report equals what PgBouncer sees from this replica.
+    clients = [
+        c
+        for c in databases.bouncer.admin("SHOW CLIENTS")
+        if c["application_name"].startswith("metrics-test-")
+    ]
+    assert len(clients) == 6
+    pids_from_bouncer = {c["application_name"].rsplit("-", 1)[1] for c in clients}
+    assert set(metric_samples(replica.metrics_url, "pgscale_pool_max_connections")) == (
+        pids_from_bouncer
+    )
+    assert sum(metric_samples(replica.metrics_url, "pgscale_pool_max_connections").values()) == 10
+
+    # A killed worker is replaced, and its series disappear.
+    victim = sorted(pids_from_bouncer)[0]
+    os.kill(int(victim), signal.SIGKILL)
+
+    def replaced() -> bool:
+        pids = set(metric_samples(replica.metrics_url, "pgscale_pool_max_connections"))
+        return len(pids) == 2 and victim not in pids
+
+    assert procs.wait_until(replaced, 20)
+    assert httpx.get(f"{replica.url}/items/1").status_code == 200
