@@ -1,0 +1,12 @@
+"""Code the scenarios share. Scenarios import `loadtests.common.scenario`, which registers the rest.
+
+- scenario.py: defaults (host, seeded ids) and response checks, and the plugins below;
+- checks.py: expected statuses, and 503s shed on purpose (counted, not failed);
+- gate.py: thresholds (fail ratio, p95) turned into the exit code;
+- sampler.py, sampling.py, webui.py: the connection sampler, its CSV and web UI tab;
+- shapes.py: load shapes as tables of stages sized against the pools' capacity;
+- hooks.py: typed registration on Locust's event hooks.
+
+Only sampling.py is free of Locust (and of gevent's monkey-patching), so tests can
+import it.
+"""
