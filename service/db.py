@@ -13,8 +13,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
+import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
@@ -30,21 +33,40 @@ Connection = AsyncConnection[DictRow]
 Pool = AsyncConnectionPool[Connection]
 
 
+# Whether the connection a request checks out must be tested first (see CheckAndSweep).
+_MUST_CHECK: ContextVar[bool] = ContextVar("must_check", default=True)
+
+
 class CheckAndSweep:
     """The pool's `check` callback: a connection that died while idle is replaced unseen.
 
-    It runs `check_connection` at checkout. On the first dead connection it also sweeps
-    every idle one (`pool.check()`): after PgBouncer restarts they are all dead, and
-    psycopg_pool would otherwise try them one by one with a backoff of 1 s, 2 s, ...
-    between tries, long enough for the request to time out although a fresh connection
-    takes milliseconds.
+    Writes always test their connection at checkout (an empty query, one round trip):
+    a write must never be sent on a dead connection, since it cannot be safely repeated.
+    Reads skip the test when the connection came back to the pool less than
+    `fresh_for` seconds ago; under load that saves a round trip per request, and a read
+    that finds its connection dead is repeated once on a tested one (`Database._read`).
+
+    On the first dead connection it sweeps every idle one (`pool.check()`): after
+    PgBouncer restarts they are all dead, and psycopg_pool would otherwise try them one
+    by one with a backoff of 1 s, 2 s, ... in between, long enough for the request to
+    time out although a fresh connection takes milliseconds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fresh_for: float) -> None:
         self.pool: Pool | None = None
+        self.fresh_for = fresh_for
+        self._returned_at: WeakKeyDictionary[Connection, float] = WeakKeyDictionary()
         self._sweeping = False
 
+    async def returned(self, conn: Connection) -> None:
+        """The pool's `reset` callback: note when the connection came back."""
+        self._returned_at[conn] = time.monotonic()
+
     async def __call__(self, conn: Connection) -> None:
+        if not _MUST_CHECK.get():
+            returned = self._returned_at.get(conn)
+            if returned is not None and time.monotonic() - returned < self.fresh_for:
+                return
         try:
             await AsyncConnectionPool.check_connection(conn)
         except Exception:
@@ -60,7 +82,7 @@ class CheckAndSweep:
 def create_pool(settings: Settings) -> Pool:
     """A closed pool for this worker; `open_pool` opens it in the lifespan."""
     name = f"{settings.replica_name}-{os.getpid()}"
-    check = CheckAndSweep()
+    check = CheckAndSweep(fresh_for=settings.pool_check_after_idle)
     pool: Pool = AsyncConnectionPool(
         settings.conninfo,
         connection_class=AsyncConnection[DictRow],
@@ -80,6 +102,7 @@ def create_pool(settings: Settings) -> Pool:
         # A connection that died while idle (PgBouncer restarted, network cut) is
         # replaced at checkout instead of failing the request that drew it.
         check=check,
+        reset=check.returned,
         name=name,
         open=False,
     )
@@ -112,10 +135,12 @@ class Database:
         )
 
     @asynccontextmanager
-    async def _bounded(self) -> AsyncIterator[Connection]:
+    async def _connection(self, *, must_check: bool) -> AsyncIterator[Connection]:
+        """A pooled connection, with the checkout timed and its failures counted."""
+        token = _MUST_CHECK.set(must_check)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.deadline), self.pool.connection() as conn:
+            async with self.pool.connection() as conn:
                 self.observer.acquired(time.perf_counter() - started)
                 yield conn
         except PoolTimeout:
@@ -124,29 +149,63 @@ class Database:
         except TooManyRequests:
             self.observer.rejected()
             raise
+        finally:
+            _MUST_CHECK.reset(token)
+
+    @asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.deadline):
+                yield
         except TimeoutError as exc:
             self.observer.deadline_exceeded()
             raise DatabaseDeadline from exc
 
+    async def _read(self, run: Callable[[Connection], Awaitable[T]]) -> T:
+        """One read statement in autocommit, repeated once if its connection was dead."""
+        async with self._deadline():
+            used: Connection | None = None
+            try:
+                async with self._connection(must_check=False) as conn:
+                    used = conn
+                    return await run(conn)
+            except psycopg.OperationalError:
+                if used is None or not used.broken:
+                    raise  # the query failed, not the connection: report it
+                logger.info("connection of %r found dead by a read: repeating it", self.pool.name)
+            async with self._connection(must_check=True) as conn:
+                return await run(conn)
+
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
         """Run one read statement in autocommit and return its first row."""
-        async with self._bounded() as conn:
+
+        async def run(conn: Connection) -> DictRow | None:
             cur = await conn.execute(query, params)  # type: ignore[arg-type]
             return await cur.fetchone()
 
+        return await self._read(run)
+
     async def fetch_all(self, query: sql.Composable | str, params: Any = None) -> list[DictRow]:
         """Run one read statement in autocommit and return all its rows."""
-        async with self._bounded() as conn:
+
+        async def run(conn: Connection) -> list[DictRow]:
             cur = await conn.execute(query, params)  # type: ignore[arg-type]
             return await cur.fetchall()
+
+        return await self._read(run)
 
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` in one explicit transaction with a statement timeout set LOCAL.
 
-        Pipeline mode sends BEGIN, SET LOCAL and the first statements together, so a
-        short write costs about one round trip more than a read.
+        Its connection is always tested first, and it is never repeated. Pipeline mode
+        sends BEGIN, SET LOCAL and the first statements together.
         """
-        async with self._bounded() as conn, conn.pipeline(), conn.transaction():
+        async with (
+            self._deadline(),
+            self._connection(must_check=True) as conn,
+            conn.pipeline(),
+            conn.transaction(),
+        ):
             await conn.execute(self._set_statement_timeout)
             return await work(conn)
 

@@ -1,4 +1,8 @@
-"""Dependencies as `Annotated` aliases, so routes read like plain functions."""
+"""Dependencies as `Annotated` aliases, so routes read like plain functions.
+
+They are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a
+thread hop per request for what is an attribute lookup.
+"""
 
 from typing import Annotated
 
@@ -8,12 +12,12 @@ from service.db import Database
 from service.settings import Settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     db: Database = request.state.db
     return db
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

@@ -7,6 +7,7 @@ details, a traceback or a file path: what the client sees is written here, by ha
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,35 @@ from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("service.errors")
+
+
+class ThrottledWarning:
+    """A warning logged at most once per `every` seconds, with how many were held back.
+
+    Under overload the same 503 cause repeats thousands of times a second; one line per
+    request would cost more CPU than the request did. The metrics count every one.
+    """
+
+    def __init__(self, message: str, every: float = 5.0) -> None:
+        self.message = message
+        self.every = every
+        self._last = -every
+        self._held = 0
+
+    def __call__(self, path: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._held += 1
+            return
+        held, self._held, self._last = self._held, 0, now
+        logger.warning("%s on %s (%d more since the last report)", self.message, path, held)
+
+
+_warn_pool_timeout = ThrottledWarning("no pool connection within POOL_TIMEOUT")
+_warn_queue_full = ThrottledWarning("pool queue full (POOL_MAX_WAITING)")
+_warn_deadline = ThrottledWarning("database call exceeded DB_DEADLINE")
+_warn_statement_timeout = ThrottledWarning("statement cancelled (STATEMENT_TIMEOUT)")
+_warn_unavailable = ThrottledWarning("database unavailable")
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -100,29 +130,29 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(PoolTimeout)
     async def pool_timeout(request: Request, exc: PoolTimeout) -> JSONResponse:
-        logger.warning("no pool connection within POOL_TIMEOUT on %s", request.url.path)
+        _warn_pool_timeout(request.url.path)
         return _unavailable(request, "no database connection available in time")
 
     @app.exception_handler(TooManyRequests)
     async def too_many_waiting(request: Request, exc: TooManyRequests) -> JSONResponse:
-        logger.warning("pool queue full (POOL_MAX_WAITING) on %s", request.url.path)
+        _warn_queue_full(request.url.path)
         return _unavailable(request, "too many requests waiting for the database")
 
     @app.exception_handler(DatabaseDeadline)
     async def deadline(request: Request, exc: DatabaseDeadline) -> JSONResponse:
-        logger.warning("database call exceeded DB_DEADLINE on %s", request.url.path)
+        _warn_deadline(request.url.path)
         return _unavailable(request, "the database did not answer in time")
 
     @app.exception_handler(psycopg.errors.QueryCanceled)
     async def statement_timeout(
         request: Request, exc: psycopg.errors.QueryCanceled
     ) -> JSONResponse:
-        logger.warning("statement cancelled (STATEMENT_TIMEOUT) on %s", request.url.path)
+        _warn_statement_timeout(request.url.path)
         return _unavailable(request, "the database did not answer in time")
 
     @app.exception_handler(psycopg.OperationalError)
     async def database_unavailable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
-        logger.warning("database unavailable on %s: %s", request.url.path, exc)
+        _warn_unavailable(f"{request.url.path}: {exc}")
         return _unavailable(request, "the database is unavailable")
 
     @app.exception_handler(PoolClosed)

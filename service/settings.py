@@ -34,7 +34,9 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="Seconds a request waits for a pool connection (then 503)."
     )
     pool_max_waiting: int = Field(
-        default=32, ge=0, description="Requests allowed to queue for a connection (0: no limit)."
+        default=128,
+        ge=0,
+        description="Requests allowed to queue for a connection per worker (0: no limit).",
     )
     pool_open_timeout: float = Field(
         default=10.0, gt=0, description="Seconds the pool may take to fill at start-up."
@@ -44,6 +46,12 @@ class Settings(BaseSettings):
     )
     pool_max_idle: float = Field(
         default=300.0, gt=0, description="Seconds an idle connection above pool_min is kept."
+    )
+
+    pool_check_after_idle: float = Field(
+        default=1.0,
+        ge=0,
+        description="Reads test a connection idle this long before use (writes always test).",
     )
 
     # Time bounds on database work.

@@ -75,6 +75,11 @@ def test_idle_connections_killed_behind_our_back_are_replaced(
         first = http.get("/items/1")
         elapsed = time.monotonic() - started
         responses = [http.get(f"/items/{i}") for i in range(1, 21)]
+        # A write is never sent on an untested connection, so it survives a restart too.
+        own_bouncer.stop()
+        own_bouncer.start()
+        write = http.post("/visits", json={"item_id": 1})
     assert first.status_code == 200, first.text
+    assert write.status_code == 201, write.text
     assert elapsed < POOL_TIMEOUT, "dead connections are swept at once, not tried one by one"
     assert [r.status_code for r in responses] == [200] * 20
