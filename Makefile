@@ -15,7 +15,7 @@ EXPORTER_PACKAGES := prometheus-pgbouncer-exporter==2.1.2 psycopg2-binary==2.9.1
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
-.PHONY: setup up down status test lint typecheck pytest clean
+.PHONY: setup up down status test lint typecheck pytest clean sweep
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ pytest: setup
 	$(VENV)/bin/pytest
 
 test: lint typecheck pytest
+
+# The workers x replicas sweep, with and without PgBouncer (about 8 minutes by default).
+WORKERS_GRID ?= 1 2 4
+REPLICAS_GRID ?= 1 2 3
+DURATION ?= 20
+sweep: setup
+	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) --duration $(DURATION)
 
 clean: down
 	rm -rf .stack

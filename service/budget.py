@@ -26,8 +26,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from infra.localstack.config import StackSettings
-    from service.settings import Settings
+    from service.settings import DeploymentSettings, Settings
 
 logger = logging.getLogger("service.budget")
 
@@ -362,19 +361,22 @@ def guard(topology: Topology, log: logging.Logger = logger) -> Budget:
     return budget
 
 
-def local_topology(
+def deployment_topology(
     service: Settings | None = None,
-    stack: StackSettings | None = None,
+    stack: DeploymentSettings | None = None,
     *,
-    direct: bool = False,
+    direct: bool | None = None,
 ) -> Topology:
-    """The local stack's topology, from its settings (by default, the environment's)."""
-    # Imported here: the pure core above must not need the local stack's code.
-    from infra.localstack.config import StackSettings
-    from service.settings import Settings
+    """The deployment's topology, from its settings (by default, the environment's).
+
+    `direct` defaults to the settings' VIA_PGBOUNCER (false means direct).
+    """
+    from service.settings import DeploymentSettings, Settings
 
     service = service or Settings()
-    stack = stack or StackSettings()
+    stack = stack or DeploymentSettings()
+    if direct is None:
+        direct = not stack.via_pgbouncer
     return Topology(
         app=AppShape(
             replicas=stack.replicas,
@@ -393,6 +395,7 @@ def local_topology(
             default_pool_size=stack.pgbouncer_default_pool_size,
             reserve_pool_size=stack.pgbouncer_reserve_pool_size,
             max_db_connections=stack.pgbouncer_max_db_connections,
+            instances=stack.pgbouncer_instances,
         ),
     )
 
@@ -464,7 +467,7 @@ def render(budget: Budget) -> str:
 
 def _parser(defaults: Topology) -> argparse.ArgumentParser:
     app, pg, bouncer = defaults.app, defaults.postgres, defaults.bouncer
-    assert bouncer is not None  # local_topology() has one unless asked for direct mode
+    assert bouncer is not None  # deployment_topology() has one unless asked for direct mode
     parser = argparse.ArgumentParser(
         prog="python -m service.budget",
         description="Check the connection budget. The defaults are the local stack's"
@@ -536,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     try:
-        defaults = local_topology()
+        defaults = deployment_topology()
     except (ValidationError, ValueError) as exc:
         print(f"error: invalid settings in the environment:\n{exc}", file=sys.stderr)
         return 2

@@ -128,6 +128,8 @@ class Database:
         self, pool: Pool, settings: Settings, observer: PoolObserver | None = None
     ) -> None:
         self.pool = pool
+        self.settings = settings
+        self.per_request = settings.connection_strategy == "per-request"
         self.deadline = settings.db_deadline
         self.observer = observer or NullPoolObserver()
         self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
@@ -137,6 +139,10 @@ class Database:
     @asynccontextmanager
     async def _connection(self, *, must_check: bool) -> AsyncIterator[Connection]:
         """A pooled connection, with the checkout timed and its failures counted."""
+        if self.per_request:
+            async with await self._connect() as conn:
+                yield conn
+            return
         token = _MUST_CHECK.set(must_check)
         started = time.perf_counter()
         try:
@@ -211,5 +217,19 @@ class Database:
 
     async def ping(self, within: float) -> None:
         """`SELECT 1` within `within` seconds, connection checkout included."""
+        if self.per_request:
+            async with asyncio.timeout(within), await self._connect() as conn:
+                await conn.execute("SELECT 1")
+            return
         async with asyncio.timeout(within), self.pool.connection(timeout=within) as conn:
             await conn.execute("SELECT 1")
+
+    async def _connect(self) -> Connection:
+        """A new connection of our own: the naive pattern the benchmark compares against."""
+        return await AsyncConnection.connect(
+            self.settings.conninfo,
+            autocommit=True,
+            prepare_threshold=None,
+            row_factory=dict_row,
+            connect_timeout=max(1, int(self.settings.pool_timeout)),
+        )

@@ -1,8 +1,11 @@
 """gunicorn configuration: `gunicorn -c python:service.gunicorn_conf service.asgi:app`.
 
-Worker count, bind address and timeouts come from the same Settings as the app. The
-master serves the workers' metrics on METRICS_PORT (multiprocess mode), away from the
-public port, and forgets a worker's gauges when it dies.
+Worker count, bind address and timeouts come from the same Settings as the app. Before
+any worker starts, the connection budget is checked (service/budget.py): a replica
+that alone cannot fit refuses to start; one that fits only below the declared REPLICAS
+starts with a warning. The master serves the workers' metrics on METRICS_PORT
+(multiprocess mode), away from the public port, and forgets a worker's gauges when
+it dies.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.settings import get_settings
+from service.budget import BudgetExceeded, deployment_topology, guard
+from service.settings import DeploymentSettings, get_settings
 
 _settings = get_settings()
 
@@ -38,8 +42,22 @@ if _settings.metrics_enabled:
 
 
 def on_starting(server: Any) -> None:
-    """Wipe samples a previous run left behind: they would be summed into ours."""
+    """Refuse a replica that cannot fit the deployment; wipe stale metric samples."""
+    deployment = DeploymentSettings()
+    if (
+        deployment.via_pgbouncer
+        and deployment.pgbouncer_query_wait_timeout >= _settings.db_deadline
+    ):
+        raise SystemExit(
+            f"PGBOUNCER_QUERY_WAIT_TIMEOUT ({deployment.pgbouncer_query_wait_timeout}s) must be"
+            f" below DB_DEADLINE ({_settings.db_deadline}s), so PgBouncer gives up first"
+        )
+    try:
+        guard(deployment_topology(_settings, deployment), server.log)
+    except BudgetExceeded as exc:
+        raise SystemExit(str(exc)) from None
     if _settings.metrics_enabled:
+        # Samples a previous run left behind would be summed into ours.
         shutil.rmtree(_metrics_dir, ignore_errors=True)
         _metrics_dir.mkdir(parents=True, exist_ok=True)
 

@@ -39,6 +39,17 @@ STEPS: list[LiteralString] = [
     );
     CREATE INDEX visits_item_id ON visits (item_id);
     """,
+    # 2: Idempotency-Key records (service/idempotency.py).
+    """
+    CREATE TABLE idempotency_keys (
+        key         text        PRIMARY KEY,
+        scope       text        NOT NULL,
+        fingerprint text        NOT NULL,
+        response    jsonb,
+        created_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
+    """,
 ]
 
 

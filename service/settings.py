@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, PostgresDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Seconds an idle connection above pool_min is kept."
     )
 
+    connection_strategy: Literal["pool", "per-request"] = Field(
+        default="pool",
+        description="`per-request` opens a connection per request: a benchmark baseline only.",
+    )
     pool_check_after_idle: float = Field(
         default=1.0,
         ge=0,
@@ -119,6 +123,44 @@ class Settings(BaseSettings):
     def conninfo(self) -> str:
         """The DSN as libpq reads it."""
         return str(self.database_url)
+
+
+class DeploymentSettings(BaseSettings):
+    """What a replica knows of the deployment around it, for the connection budget.
+
+    The same variables configure PgBouncer and PostgreSQL in the local stack (which
+    extends this class), compose and k8s, so the replica's start-up guard checks the
+    numbers those really run with. README.md lists them all.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, env_ignore_empty=True, frozen=True
+    )
+
+    replicas: int = Field(default=2, ge=1, le=1000, description="Replicas declared to run.")
+    via_pgbouncer: bool = Field(
+        default=True, description="Replicas reach PostgreSQL through PgBouncer (false: direct)."
+    )
+    pgbouncer_instances: int = Field(default=1, ge=1, description="PgBouncer processes/pods.")
+    pgbouncer_max_client_conn: int = Field(
+        default=1000, ge=1, description="Client connections PgBouncer accepts."
+    )
+    pgbouncer_default_pool_size: int = Field(
+        default=20, ge=1, description="Server connections per database/user pool."
+    )
+    pgbouncer_reserve_pool_size: int = Field(
+        default=5, ge=0, description="Extra server connections when clients wait over 1 s."
+    )
+    pgbouncer_max_db_connections: int = Field(
+        default=30, ge=0, description="Cap on server connections to the database (0: none)."
+    )
+    pgbouncer_query_wait_timeout: int = Field(
+        default=5, ge=1, description="Seconds a query may queue for a server connection."
+    )
+    postgres_max_connections: int = Field(default=100, ge=5, description="max_connections.")
+    postgres_superuser_reserved: int = Field(
+        default=3, ge=1, description="superuser_reserved_connections."
+    )
 
 
 @lru_cache

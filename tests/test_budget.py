@@ -18,8 +18,8 @@ from service.budget import (
     PostgresLimits,
     Topology,
     check,
+    deployment_topology,
     guard,
-    local_topology,
     max_safe_replicas,
 )
 
@@ -67,11 +67,11 @@ def test_the_local_stack_defaults_fit_with_their_numbers() -> None:
     assert budget.max_safe_replicas == 997 // 8
 
 
-def test_local_topology_reads_the_settings_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deployment_topology_reads_the_settings_classes(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in SHAPE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert local_topology() == topology()
-    assert local_topology(direct=True) == topology(direct=True)
+    assert deployment_topology() == topology()
+    assert deployment_topology(direct=True) == topology(direct=True)
 
 
 def test_max_db_connections_caps_the_server_side_per_instance() -> None:

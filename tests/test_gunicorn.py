@@ -6,6 +6,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from infra.localstack import procs
 from tests.conftest import Databases, StartService
@@ -55,3 +56,23 @@ def test_sigterm_stops_the_replica_and_closes_its_pools(
     assert procs.stop(pid, signal.SIGTERM, timeout=30)
     assert procs.wait_until(lambda: clients() == 0, 5)
     assert "Traceback" not in replica.log.read_text()
+
+
+def test_a_replica_that_cannot_fit_the_budget_refuses_to_start(
+    start_service: StartService,
+) -> None:
+    """One replica of 4 workers x 300 connections overflows max_client_conn 1000."""
+    with pytest.raises(procs.StackError) as refused:
+        start_service(workers=4, pool_min=1, pool_max=300, replicas=1)
+    assert "this replica cannot fit the connection budget" in str(refused.value)
+    assert "max_client_conn" in str(refused.value)
+
+
+def test_a_declared_replica_count_that_overflows_is_a_warning(
+    start_service: StartService,
+) -> None:
+    replica = start_service(workers=1, pool_min=1, pool_max=100, replicas=20)
+    assert httpx.get(f"{replica.url}/items/1").status_code == 200
+    log = replica.log.read_text()
+    assert "connection budget:" in log
+    assert "at most 9 replicas of this shape fit" in log

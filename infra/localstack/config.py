@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from service.settings import DeploymentSettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
-class StackSettings(BaseSettings):
+class StackSettings(DeploymentSettings):
     """Shape, ports and PgBouncer/PostgreSQL limits of the local stack."""
 
     model_config = SettingsConfigDict(
@@ -23,8 +25,8 @@ class StackSettings(BaseSettings):
 
     stack_dir: Path = Field(default=REPO / ".stack", description="Data, configs, logs, pids.")
 
-    # Shape (WORKERS, POOL_MIN, POOL_MAX and the rest are the service's own settings).
-    replicas: int = Field(default=2, ge=1, le=32, description="Service replicas (gunicorns).")
+    # Shape: REPLICAS and the PgBouncer/PostgreSQL limits are DeploymentSettings; WORKERS,
+    # POOL_MIN, POOL_MAX and the rest are the service's own settings.
     seed_items: int = Field(default=1000, ge=0, description="Items created by `make up`.")
 
     # Ports (all on 127.0.0.1).
@@ -39,30 +41,8 @@ class StackSettings(BaseSettings):
     pgbouncer_exporter_port: int = Field(default=9127, description="The PgBouncer exporter.")
     postgres_exporter_port: int = Field(default=9187, description="The PostgreSQL exporter.")
 
-    # PgBouncer.
-    pgbouncer_max_client_conn: int = Field(
-        default=1000, ge=1, description="Client connections PgBouncer accepts."
-    )
-    pgbouncer_default_pool_size: int = Field(
-        default=20, ge=1, description="Server connections per database/user pool."
-    )
-    pgbouncer_reserve_pool_size: int = Field(
-        default=5, ge=0, description="Extra server connections when clients wait over 1 s."
-    )
-    pgbouncer_max_db_connections: int = Field(
-        default=30, ge=1, description="Hard cap on server connections to the database."
-    )
-    pgbouncer_query_wait_timeout: int = Field(
-        default=5, ge=1, description="Seconds a query may queue for a server connection."
-    )
     pgbouncer_server_login_retry: int = Field(
         default=1, ge=1, description="Seconds before retrying a failed server login."
-    )
-
-    # PostgreSQL.
-    postgres_max_connections: int = Field(default=100, ge=5, description="max_connections.")
-    postgres_superuser_reserved: int = Field(
-        default=3, ge=1, description="superuser_reserved_connections."
     )
 
     def replica_port(self, index: int) -> int:

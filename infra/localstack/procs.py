@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import signal
 import socket
 import subprocess
@@ -195,6 +196,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_block(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive free ports, below the ephemeral range.
+
+    Ports the kernel hands out to outgoing connections (32768 and up on Linux) can be
+    taken by a load generator's client sockets between choosing and binding them.
+    """
+    rng = random.Random()  # noqa: S311 (spreading ports, not secrets)
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - count)
+        if all(_bindable(base + i, host) for i in range(count)):
+            return base
+    raise StackError(f"no {count} consecutive free ports between 20000 and 32000")
+
+
+def _bindable(port: int, host: str) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

@@ -16,6 +16,7 @@ from infra.localstack.pgbouncer import STATS_USER, PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
+from service.budget import Budget, check, deployment_topology
 from service.settings import Settings
 
 APP_ROLE = "app"
@@ -118,12 +119,23 @@ class Stack:
         return [self.pgbouncer_exporter(), self.postgres_exporter(), self.prometheus()]
 
     def service_settings(self) -> Settings:
-        """The service settings every replica gets: the environment's, pointed at PgBouncer.
+        """The service settings every replica gets: the environment's, pointed at PgBouncer
+        (or straight at PostgreSQL with VIA_PGBOUNCER=false, to show what PgBouncer saves).
 
         Validated here, before anything starts, so a bad value stops `make up` early.
         """
-        url = self.pgbouncer().app_conninfo(APP_ROLE)
+        if self.settings.via_pgbouncer:
+            url = self.pgbouncer().app_conninfo(APP_ROLE)
+        else:
+            url = self.direct_url()
         return Settings(database_url=url)
+
+    def direct_url(self) -> str:
+        """The application role straight to PostgreSQL (migrations, direct mode)."""
+        return (
+            f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
+            f"@127.0.0.1:{self.settings.postgres_port}/{APP_DATABASE}"
+        )
 
     def service_env(self) -> dict[str, str]:
         """Every service setting as an environment variable: a change restarts replicas."""
@@ -152,9 +164,18 @@ class Stack:
 
     # ---- up -------------------------------------------------------------------------
 
-    def check_settings(self) -> Settings:
+    def check_settings(self, *, enforce_budget: bool = True) -> Settings:
         """Validate the settings the replicas will get, before anything starts."""
         service = self.service_settings()
+        budget = check(deployment_topology(service, self.settings))
+        say(f"budget       {summary(budget)}")
+        if enforce_budget and not budget.ok:
+            raise procs.StackError(
+                "the connection budget does not allow this shape: "
+                + "; ".join(budget.problems)
+                + f" (at most {budget.max_safe_replicas} replicas of this shape fit;"
+                " python -m service.budget shows the arithmetic)"
+            )
         if self.settings.pgbouncer_query_wait_timeout >= service.db_deadline:
             raise procs.StackError(
                 f"PGBOUNCER_QUERY_WAIT_TIMEOUT ({self.settings.pgbouncer_query_wait_timeout}s)"
@@ -163,10 +184,14 @@ class Stack:
             )
         return service
 
-    def up(self) -> None:
-        """Start what is missing, reshape what changed; return once everything is healthy."""
+    def up(self, *, enforce_budget: bool = True) -> None:
+        """Start what is missing, reshape what changed; return once everything is healthy.
+
+        `enforce_budget=False` lets a shape that overflows the budget start anyway (the
+        sweep does it on purpose, to show what happens without PgBouncer).
+        """
         s = self.settings
-        service = self.check_settings()
+        service = self.check_settings(enforce_budget=enforce_budget)
         self._check_ports()
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_reachable_by_service_user()
@@ -261,10 +286,7 @@ class Stack:
 
     def _migrate(self, pg: Postgres) -> None:
         """Schema and seed data, straight to PostgreSQL, once, before any replica starts."""
-        direct = (
-            f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
-            f"@127.0.0.1:{pg.port}/{APP_DATABASE}"
-        )
+        direct = self.direct_url()
         result = subprocess.run(
             [sys.executable, "-m", "service.migrate", "--seed", str(self.settings.seed_items)],
             env={**os.environ, "DATABASE_URL": direct},
@@ -353,6 +375,20 @@ class Stack:
             say("PgBouncer    stopped")
         if self.postgres().stop():
             say("PostgreSQL   stopped")
+
+
+def summary(budget: Budget) -> str:
+    """One line of the budget for `make up`."""
+    if budget.mode == "direct":
+        return (
+            f"{budget.clients_at_peak} connections straight to PostgreSQL at peak,"
+            f" {budget.server_available} available: {'ok' if budget.ok else 'DOES NOT FIT'}"
+        )
+    return (
+        f"{budget.clients_at_peak} client connections at peak ({budget.client_usable} usable),"
+        f" {budget.server_at_peak} server connections ({budget.server_available} available):"
+        f" {'ok' if budget.ok else 'DOES NOT FIT'}"
+    )
 
 
 def say(line: str) -> None:

@@ -15,10 +15,10 @@ from typing import ClassVar
 
 from locust import LoadTestShape
 
-from service.budget import check, local_topology
+from service.budget import check, deployment_topology
 
 # Every pooled connection of every worker of every replica: R x W x POOL_MAX.
-POOL_CAPACITY = check(local_topology()).clients_at_peak
+POOL_CAPACITY = check(deployment_topology()).clients_at_peak
 STAGE_SECONDS = float(os.environ.get("LOADTEST_STAGE_SECONDS") or 30)
 
 

@@ -8,6 +8,7 @@ from service import sql
 from service.db import Connection
 from service.deps import DatabaseDep, SettingsDep
 from service.errors import NotFound
+from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.schemas import BIGINT_MAX, Item, ItemCreate, ItemPage, ItemUpdate
 
 router = APIRouter(prefix="/items", tags=["items"])
@@ -16,14 +17,22 @@ ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id
 
 
 @router.post("", status_code=201)
-async def create_item(body: ItemCreate, db: DatabaseDep) -> Item:
+async def create_item(
+    body: ItemCreate, db: DatabaseDep, response: Response, key: IdempotencyKey = None
+) -> Item:
     async def insert(conn: Connection) -> Item:
         cur = await conn.execute(sql.INSERT_ITEM, (body.name, body.description))
         row = await cur.fetchone()
         assert row is not None  # INSERT ... RETURNING always returns the row
         return Item.model_validate(row)
 
-    return await db.transaction(insert)
+    async def write(conn: Connection) -> tuple[Item, bool]:
+        return await once(conn, key, "POST /items", body, Item, insert)
+
+    item, replayed = await db.transaction(write)
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return item
 
 
 @router.get("/{item_id}")

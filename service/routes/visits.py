@@ -2,27 +2,35 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from service import sql
 from service.db import Connection
 from service.deps import DatabaseDep
 from service.errors import InvalidReference
+from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.schemas import BIGINT_MAX, Visit, VisitCount, VisitCreate
 
 router = APIRouter(prefix="/visits", tags=["visits"])
 
 
 @router.post("", status_code=201)
-async def create_visit(body: VisitCreate, db: DatabaseDep) -> Visit:
-    async def record(conn: Connection) -> Visit | None:
+async def create_visit(
+    body: VisitCreate, db: DatabaseDep, response: Response, key: IdempotencyKey = None
+) -> Visit:
+    async def record(conn: Connection) -> Visit:
         cur = await conn.execute(sql.RECORD_VISIT, (body.item_id,))
         row = await cur.fetchone()
-        return None if row is None else Visit.model_validate(row)
+        if row is None:  # raised inside the transaction: it rolls back, key included
+            raise InvalidReference("body.item_id", "no item with this id")
+        return Visit.model_validate(row)
 
-    visit = await db.transaction(record)
-    if visit is None:
-        raise InvalidReference("body.item_id", "no item with this id")
+    async def write(conn: Connection) -> tuple[Visit, bool]:
+        return await once(conn, key, "POST /visits", body, Visit, record)
+
+    visit, replayed = await db.transaction(write)
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return visit
 
 

@@ -1,0 +1,596 @@
+"""The benchmark: requests/s and latency through PgBouncer, side by side with baselines.
+
+One PostgreSQL and one PgBouncer, and one replica (2 workers, pool 4 per worker) per
+configuration, all started before the first run so every configuration is measured
+in the same conditions. Then rounds: in each, wrk (fixed connections, Lua for random
+ids and writes) runs every endpoint against every configuration in turn; the report
+takes medians over the rounds.
+
+- `pooled`: the service as deployed (through PgBouncer, metrics on);
+- `pooled, metrics off`: the same with METRICS_ENABLED=false (the cost of metrics);
+- `per-request connection`: a new connection per request, the naive pattern;
+- `direct`: the pooled service pointed straight at PostgreSQL;
+- `framework ceiling`: GET /healthz on the pooled replica (no database);
+- `database ceiling`: pgbench running the same SELECT through the same PgBouncer with
+  as many connections as the pooled replica holds (2 x 4).
+
+Also: each configuration's time from process start to /readyz 200, worker RSS at rest
+and under load, and (with --profile) a py-spy profile of a pooled worker under load.
+
+    .venv/bin/python -m loadtests.bench [--rounds 3] [--duration 8] [--connections 64]
+
+`make bench` runs it and writes reports/bench/latest.json and latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from infra.localstack import procs
+from infra.localstack.config import REPO
+from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.postgres import Postgres
+from infra.localstack.replicas import Replica
+
+REPORTS = REPO / "reports" / "bench"
+SEED_ITEMS = 1000
+APP = "app"
+WORKERS = 2
+POOL = 4
+
+# wrk prints one JSON line at the end of every run (summary and latency in microseconds).
+DONE = """
+done = function(summary, latency, requests)
+  local non2xx = summary.errors.status
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "non2xx": %d, "socket_errors": %d,'
+    .. ' "p50_us": %d, "p99_us": %d, "mean_us": %f}\\n',
+    summary.requests, summary.duration, non2xx,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+SCRIPTS = {
+    "GET /items/{id}": f"""
+math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+request = function()
+  return wrk.format("GET", "/items/" .. math.random(1, {SEED_ITEMS}))
+end
+""",
+    "GET /items?limit=20": f"""
+math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+request = function()
+  return wrk.format("GET", "/items?limit=20&after=" .. math.random(0, {SEED_ITEMS - 20}))
+end
+""",
+    "POST /visits": f"""
+math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+local headers = {{["Content-Type"] = "application/json"}}
+request = function()
+  local body = '{{"item_id": ' .. math.random(1, {SEED_ITEMS}) .. '}}'
+  return wrk.format("POST", "/visits", headers, body)
+end
+""",
+    "GET /healthz": """
+request = function()
+  return wrk.format("GET", "/healthz")
+end
+""",
+}
+
+PGBENCH_SQL = (
+    f"\\set id random(1, {SEED_ITEMS})\n"
+    "SELECT id, name, description, visits, created_at, updated_at FROM items WHERE id = :id;\n"
+)
+
+
+@dataclass
+class Config:
+    """One replica configuration under test."""
+
+    key: str
+    label: str
+    env: dict[str, str]
+    endpoints: tuple[str, ...]
+    replica: Replica | None = None
+    start_to_ready_s: float = 0.0
+    rss_rest_mib: list[float] = field(default_factory=list)
+    rss_load_mib: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    config: str
+    endpoint: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def worker_pids(master: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{master}/task/{master}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker_rss(replica: Replica) -> list[float]:
+    master = procs.read_pid(replica.pid_file)
+    return [rss_mib(pid) for pid in worker_pids(master)] if master else []
+
+
+def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, Any]:
+    result = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    )
+    line = result.stdout.strip().splitlines()[-1]
+    data: dict[str, Any] = json.loads(line)
+    return data
+
+
+def run_pgbench(
+    bouncer: PgBouncer, password: str, script: Path, duration: int, log_dir: Path
+) -> Result:
+    """The same SELECT through the same PgBouncer: what the database path can carry."""
+    for old in log_dir.glob("pgbench_log*"):
+        old.unlink()
+    clients = WORKERS * POOL
+    result = subprocess.run(
+        [
+            "/usr/lib/postgresql/15/bin/pgbench",
+            "-n",
+            "-M",
+            "simple",  # no server-side prepared statements: transaction pooling
+            f"-c{clients}",
+            "-j2",
+            f"-T{duration}",
+            "-f",
+            str(script),
+            "-l",
+            "--log-prefix",
+            str(log_dir / "pgbench_log"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(bouncer.port),
+            "-U",
+            APP,
+            APP,
+        ],
+        env={**os.environ, "PGPASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+        cwd=log_dir,
+    )
+    latencies = []
+    for log in log_dir.glob("pgbench_log*"):
+        for line in log.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                latencies.append(int(parts[2]))  # microseconds
+    tps = next(
+        float(line.split("=")[1].split()[0])
+        for line in result.stdout.splitlines()
+        if line.startswith("tps =")
+    )
+    latencies.sort()
+    return Result(
+        config="database ceiling",
+        endpoint="pgbench SELECT by id",
+        rps=tps,
+        p50_ms=latencies[len(latencies) // 2] / 1000,
+        p99_ms=latencies[int(len(latencies) * 0.99)] / 1000,
+        non2xx=0,
+        socket_errors=0,
+    )
+
+
+def start(config: Config, root: Path, port: int, metrics_port: int, index: int) -> None:
+    replica = Replica(root / "replicas", index, port, metrics_port, config.env)
+    started = time.monotonic()
+    replica.start()
+    procs.wait_until(lambda: replica.ready() or not replica.running(), 30, interval=0.02)
+    if not replica.ready():
+        raise procs.StackError(f"{config.label} did not start:\n{procs.tail(replica.log)}")
+    config.start_to_ready_s = time.monotonic() - started
+    config.replica = replica
+
+
+def profile(replica: Replica, script: Path, connections: int, duration: int, out: Path) -> str:
+    """py-spy on one pooled worker under load: where a request's time goes."""
+    pid = worker_pids(procs.read_pid(replica.pid_file) or 0)[0]
+    raw = out / "profile.txt"
+    load = threading.Thread(
+        target=run_wrk, args=(replica.url, script, connections, duration + 2), daemon=True
+    )
+    load.start()
+    time.sleep(1)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(duration),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    load.join()
+    if not raw.exists():
+        return "(py-spy could not attach)"
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[_module(frame)] += n
+    lines = [f"{total} samples of one worker under GET /items/{{id}} load", "", "Self time:"]
+    lines += [f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(12)]
+    lines += ["", "Inclusive time by package:"]
+    lines += [f"  {n / total:6.1%}  {mod}" for mod, n in inclusive.most_common(12)]
+    return "\n".join(lines)
+
+
+def _module(frame: str) -> str:
+    """`func (psycopg/cursor.py:12)` -> `psycopg`."""
+    inside = frame.rpartition("(")[2]
+    return inside.split("/")[0].split(".py")[0] or frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench", description=__doc__)
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS") or 3))
+    parser.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION") or 8))
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="py-spy a pooled worker")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration < 2:
+        parser.error("--rounds must be >= 1 and --duration >= 2")
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or REPORTS / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
+    scratch.chmod(0o755)
+    base = procs.free_port_block(2 + 8)
+    password = secrets.token_urlsafe(16)
+    pg = Postgres(scratch / "postgres", base, max_connections=100)
+    bouncer = PgBouncer(
+        scratch / "pgbouncer",
+        base + 1,
+        pg.port,
+        APP,
+        users={APP: password},
+        admin_password=secrets.token_urlsafe(16),
+        default_pool_size=20,
+    )
+    scripts: dict[str, Path] = {}
+    for name, body in SCRIPTS.items():
+        path = (
+            scratch
+            / f"{name.split()[1].strip('/').replace('/', '_').split('?')[0]}-{len(scripts)}.lua"
+        )
+        path.write_text(body + DONE)
+        scripts[name] = path
+    sql_script = scratch / "select.sql"
+    sql_script.write_text(PGBENCH_SQL)
+
+    common = {
+        "WORKERS": str(WORKERS),
+        "POOL_MIN": str(POOL),
+        "POOL_MAX": str(POOL),
+        "REPLICAS": "1",
+        "LOG_LEVEL": "warning",
+    }
+    data_endpoints = ("GET /items/{id}", "GET /items?limit=20", "POST /visits")
+    configs = [
+        Config("pooled", "pooled (as deployed)", {}, (*data_endpoints, "GET /healthz")),
+        Config("nometrics", "pooled, metrics off", {"METRICS_ENABLED": "false"}, data_endpoints),
+        Config(
+            "naive",
+            "per-request connection",
+            {"CONNECTION_STRATEGY": "per-request"},
+            data_endpoints,
+        ),
+        Config("direct", "direct to PostgreSQL", {"VIA_PGBOUNCER": "false"}, data_endpoints),
+    ]
+    results: list[Result] = []
+    profile_text = ""
+    try:
+        pg.init()
+        pg.start()
+        pg.ensure_role(APP, password)
+        pg.ensure_database(APP, APP)
+        direct_url = f"postgresql://{APP}:{password}@127.0.0.1:{pg.port}/{APP}"
+        subprocess.run(
+            [sys.executable, "-m", "service.migrate", "--seed", str(SEED_ITEMS)],
+            env={**os.environ, "DATABASE_URL": direct_url},
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        bouncer.start()
+        for i, config in enumerate(configs, start=1):
+            url = direct_url if config.key == "direct" else bouncer.app_conninfo(APP)
+            config.env = {**common, "DATABASE_URL": url, **config.env}
+            start(config, scratch, base + 1 + i, base + 5 + i, i)
+            time.sleep(1)
+            assert config.replica is not None
+            config.rss_rest_mib = worker_rss(config.replica)
+            say(
+                f"{config.label:<26} ready in {config.start_to_ready_s:.2f}s,"
+                f" workers at rest {', '.join(f'{r:.0f}' for r in config.rss_rest_mib)} MiB"
+            )
+
+        raw: dict[tuple[str, str], list[Result]] = collections.defaultdict(list)
+        for round_ in range(1, args.rounds + 1):
+            for endpoint in (*data_endpoints, "GET /healthz"):
+                for config in configs:
+                    if endpoint not in config.endpoints:
+                        continue
+                    assert config.replica is not None
+                    sampler = RssSampler(config.replica)
+                    with sampler:
+                        data = run_wrk(
+                            config.replica.url, scripts[endpoint], args.connections, args.duration
+                        )
+                    config.rss_load_mib = max(config.rss_load_mib, sampler.peak, key=sum)
+                    label = "framework ceiling" if endpoint == "GET /healthz" else config.label
+                    result = Result(
+                        config=label,
+                        endpoint=endpoint,
+                        rps=data["requests"] / (data["duration_us"] / 1e6),
+                        p50_ms=data["p50_us"] / 1000,
+                        p99_ms=data["p99_us"] / 1000,
+                        non2xx=data["non2xx"],
+                        socket_errors=data["socket_errors"],
+                    )
+                    raw[(label, endpoint)].append(result)
+                    say(
+                        f"round {round_}: {endpoint:<20} {label:<26}"
+                        f" {result.rps:8.0f} req/s  p50 {result.p50_ms:6.1f} ms"
+                        f"  p99 {result.p99_ms:6.1f} ms  non-2xx {result.non2xx}"
+                    )
+            pgb = run_pgbench(bouncer, password, sql_script, args.duration, scratch)
+            raw[(pgb.config, pgb.endpoint)].append(pgb)
+            say(f"round {round_}: {pgb.endpoint:<20} {pgb.config:<26} {pgb.rps:8.0f} tx/s")
+        results = [median_of(runs) for runs in raw.values()]
+        if args.profile:
+            pooled = configs[0].replica
+            assert pooled is not None
+            profile_text = profile(
+                pooled, scripts["GET /items/{id}"], args.connections, args.duration, out
+            )
+    finally:
+        for config in configs:
+            if config.replica is not None:
+                config.replica.stop()
+        bouncer.stop()
+        pg.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    report = build_report(args, configs, results, profile_text)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(report))
+    if args.out is None:
+        shutil.copy(out / "bench.json", REPORTS / "latest.json")
+        shutil.copy(out / "bench.md", REPORTS / "latest.md")
+    say("")
+    say(markdown(report))
+    return 0
+
+
+class RssSampler:
+    """Peak RSS of a replica's workers while a run goes on."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.peak: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            now = worker_rss(self.replica)
+            if sum(now) > sum(self.peak):
+                self.peak = now
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def median_of(runs: list[Result]) -> Result:
+    return Result(
+        config=runs[0].config,
+        endpoint=runs[0].endpoint,
+        rps=statistics.median(r.rps for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        non2xx=sum(r.non2xx for r in runs),
+        socket_errors=sum(r.socket_errors for r in runs),
+    )
+
+
+def build_report(
+    args: argparse.Namespace, configs: list[Config], results: list[Result], profile_text: str
+) -> dict[str, Any]:
+    by = {(r.config, r.endpoint): r for r in results}
+    framework = by.get(("framework ceiling", "GET /healthz"))
+    database = by.get(("database ceiling", "pgbench SELECT by id"))
+    rows = []
+    for r in results:
+        naive = by.get(("per-request connection", r.endpoint))
+        rows.append(
+            {
+                **r.__dict__,
+                "vs_framework_ceiling": round(r.rps / framework.rps, 3) if framework else None,
+                "vs_database_ceiling": round(r.rps / database.rps, 3) if database else None,
+                "vs_naive": round(r.rps / naive.rps, 2) if naive and naive.rps else None,
+            }
+        )
+    pooled_get = by[("pooled (as deployed)", "GET /items/{id}")]
+    targets = []
+
+    def target(name: str, value: float, goal: str, ok: bool) -> None:
+        targets.append({"target": name, "measured": round(value, 3), "goal": goal, "met": ok})
+
+    naive_get = by[("per-request connection", "GET /items/{id}")]
+    target(
+        "GET /items/{id} vs naive",
+        pooled_get.rps / naive_get.rps,
+        ">= 1.6x",
+        pooled_get.rps >= 1.6 * naive_get.rps,
+    )
+    if framework:
+        ratio = pooled_get.rps / framework.rps
+        target("GET /items/{id} vs framework ceiling", ratio, ">= 0.3x", ratio >= 0.3)
+    target("GET /items/{id} non-2xx", pooled_get.non2xx, "0", pooled_get.non2xx == 0)
+    target("GET /items/{id} p99 ms", pooled_get.p99_ms, "<= 40", pooled_get.p99_ms <= 40)
+    post = by[("pooled (as deployed)", "POST /visits")]
+    target(
+        "POST /visits vs GET /items/{id}",
+        post.rps / pooled_get.rps,
+        ">= 0.5x",
+        post.rps >= 0.5 * pooled_get.rps,
+    )
+    off = by[("pooled, metrics off", "GET /items/{id}")]
+    cost = 1 - pooled_get.rps / off.rps
+    target("metrics cost (GET /items/{id} req/s)", cost, "<= 10%", cost <= 0.10)
+    pooled = configs[0]
+    rss = max([*pooled.rss_rest_mib, *pooled.rss_load_mib], default=0.0)
+    target("worker RSS MiB (max, rest and load)", rss, "<= 100", rss <= 100)
+    target("start to ready s", pooled.start_to_ready_s, "<= 2", pooled.start_to_ready_s <= 2)
+    return {
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "setup": {
+            "machine_cores": os.cpu_count(),
+            "workers": WORKERS,
+            "pool_per_worker": POOL,
+            "wrk_connections": args.connections,
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "pgbench_clients": WORKERS * POOL,
+        },
+        "results": rows,
+        "processes": [
+            {
+                "config": c.label,
+                "start_to_ready_s": round(c.start_to_ready_s, 2),
+                "worker_rss_rest_mib": [round(x, 1) for x in c.rss_rest_mib],
+                "worker_rss_load_mib": [round(x, 1) for x in c.rss_load_mib],
+            }
+            for c in configs
+        ],
+        "targets": targets,
+        "profile": profile_text,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["setup"]
+    lines = [
+        "# Benchmark",
+        "",
+        f"{s['machine_cores']} cores shared by everything; 1 replica of {s['workers']} workers,"
+        f" pool {s['pool_per_worker']} per worker; wrk {s['wrk_connections']} connections;"
+        f" medians of {s['rounds']} rounds of {s['duration_s']} s, configurations interleaved."
+        f" pgbench: {s['pgbench_clients']} clients, simple protocol, through the same PgBouncer.",
+        "",
+        "| endpoint | configuration | req/s | p50 ms | p99 ms | non-2xx |"
+        " x framework ceiling | x database ceiling | x per-request |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['endpoint']} | {r['config']} | {r['rps']:.0f} | {r['p50_ms']:.1f} |"
+            f" {r['p99_ms']:.1f} | {r['non2xx']} | {_x(r['vs_framework_ceiling'])} |"
+            f" {_x(r['vs_database_ceiling'])} | {_x(r['vs_naive'])} |"
+        )
+    lines += ["", "| configuration | start to ready | worker RSS at rest | worker RSS under load |"]
+    lines += ["|---|---|---|---|"]
+    for p in report["processes"]:
+        lines.append(
+            f"| {p['config']} | {p['start_to_ready_s']} s |"
+            f" {', '.join(f'{x:.0f}' for x in p['worker_rss_rest_mib'])} MiB |"
+            f" {', '.join(f'{x:.0f}' for x in p['worker_rss_load_mib'])} MiB |"
+        )
+    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(
+            f"| {t['target']} | {t['measured']} | {t['goal']} | {'yes' if t['met'] else 'no'} |"
+        )
+    if report["profile"]:
+        lines += ["", "## Profile", "", "```", report["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

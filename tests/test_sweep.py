@@ -1,0 +1,64 @@
+"""A two-cell mini sweep, and one direct cell that must fail where the budget says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from infra.localstack.config import REPO
+
+
+def sweep(out: Path, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.sweep", "--out", str(out), "--duration", "5", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (out / "summary.json").exists(), result.stdout + result.stderr
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    summary["exit_code"] = result.returncode
+    summary["stdout"] = result.stdout
+    return summary
+
+
+def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: Path) -> None:
+    out = scratch / "sweep-pooled"
+    summary = sweep(out, "--modes", "pgbouncer", "--workers", "1", "2", "--replicas", "1")
+    assert summary["exit_code"] == 0, summary["stdout"]
+    cells = summary["cells"]
+    assert [(c["workers"], c["replicas"]) for c in cells] == [(1, 1), (2, 1)]
+    for cell in cells:
+        assert cell["measured_clients"] == cell["predicted_clients"] == cell["workers"] * 4
+        # PostgreSQL serves PgBouncer's small pool (6), whatever the clients.
+        assert cell["pgbouncer_servers"] <= 6
+        assert cell["as_predicted"]
+        assert cell["requests"] > 0
+    for name in ("report.md", "cells.csv", "client_connections.png", "server_connections.png"):
+        assert (out / name).exists(), name
+    assert "2 of 2 cells as predicted" in (out / "report.md").read_text()
+
+
+def test_direct_cell_over_budget_fails_as_predicted(scratch: Path) -> None:
+    """2 x 2 x 4 = 16 connections straight to a PostgreSQL with max_connections 12."""
+    out = scratch / "sweep-direct"
+    summary = sweep(
+        out,
+        "--modes",
+        "direct",
+        "--workers",
+        "2",
+        "--replicas",
+        "2",
+        "--direct-max-connections",
+        "12",
+    )
+    (cell,) = summary["cells"]
+    assert not cell["budget_fits"]
+    assert cell["failures"] + cell["shed_503"] > 0, "PostgreSQL must refuse the overflow"
+    assert cell["measured_clients"] < cell["predicted_clients"]
+    assert cell["as_predicted"], cell["verdict"]
