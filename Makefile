@@ -15,7 +15,7 @@ EXPORTER_PACKAGES := prometheus-pgbouncer-exporter==2.1.2 psycopg2-binary==2.9.1
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
-.PHONY: setup up down status test lint typecheck pytest clean sweep
+.PHONY: setup up down status test lint typecheck pytest clean sweep bench
 
 setup: $(STAMP)
 
@@ -61,6 +61,10 @@ REPLICAS_GRID ?= 1 2 3
 DURATION ?= 20
 sweep: setup
 	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) --duration $(DURATION)
+
+# Throughput and latency with baselines side by side (about 6 minutes by default).
+bench: setup
+	$(PY) -m loadtests.bench --profile
 
 clean: down
 	rm -rf .stack

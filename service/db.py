@@ -24,7 +24,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from service.errors import DatabaseDeadline
 from service.metrics import NullPoolObserver, PoolObserver
-from service.settings import Settings
+from service.prepared import describe_prepared_statements, prepare_threshold
+from service.settings import DeploymentSettings, Settings
 
 logger = logging.getLogger("service.db")
 
@@ -82,13 +83,17 @@ class CheckAndSweep:
 def create_pool(settings: Settings) -> Pool:
     """A closed pool for this worker; `open_pool` opens it in the lifespan."""
     name = f"{settings.replica_name}-{os.getpid()}"
+    deployment = DeploymentSettings()
+    threshold = prepare_threshold(settings, deployment)
+    logger.info("pool %r: %s", name, describe_prepared_statements(threshold, deployment))
     check = CheckAndSweep(fresh_for=settings.pool_check_after_idle)
     pool: Pool = AsyncConnectionPool(
         settings.conninfo,
         connection_class=AsyncConnection[DictRow],
         kwargs={
             "autocommit": True,  # a read is one statement, one round trip
-            "prepare_threshold": None,  # PgBouncer 1.18 cannot track prepared statements
+            # None unless PREPARED_STATEMENTS is on and safe (see prepare_threshold).
+            "prepare_threshold": threshold,
             "row_factory": dict_row,
             # PgBouncer's SHOW CLIENTS and pg_stat_activity tell workers apart by this.
             "application_name": name,
@@ -229,7 +234,7 @@ class Database:
         return await AsyncConnection.connect(
             self.settings.conninfo,
             autocommit=True,
-            prepare_threshold=None,
+            prepare_threshold=None,  # a new connection per request never reuses one
             row_factory=dict_row,
             connect_timeout=max(1, int(self.settings.pool_timeout)),
         )

@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from service.budget import BudgetExceeded, deployment_topology, guard
+from service.prepared import (
+    PreparedStatementsUnsafe,
+    describe_prepared_statements,
+    prepare_threshold,
+)
 from service.settings import DeploymentSettings, get_settings
 
 _settings = get_settings()
@@ -54,8 +59,10 @@ def on_starting(server: Any) -> None:
         )
     try:
         guard(deployment_topology(_settings, deployment), server.log)
-    except BudgetExceeded as exc:
+        threshold = prepare_threshold(_settings, deployment)
+    except (BudgetExceeded, PreparedStatementsUnsafe) as exc:
         raise SystemExit(str(exc)) from None
+    server.log.info("%s", describe_prepared_statements(threshold, deployment))
     if _settings.metrics_enabled:
         # Samples a previous run left behind would be summed into ours.
         shutil.rmtree(_metrics_dir, ignore_errors=True)

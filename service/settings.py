@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Seconds an idle connection above pool_min is kept."
     )
 
+    prepared_statements: bool = Field(
+        default=False,
+        description="Server-side prepared statements: only with PgBouncer >= 1.22"
+        " (max_prepared_statements > 0) and libpq >= 17, or direct to PostgreSQL.",
+    )
     connection_strategy: Literal["pool", "per-request"] = Field(
         default="pool",
         description="`per-request` opens a connection per request: a benchmark baseline only.",
@@ -156,6 +161,11 @@ class DeploymentSettings(BaseSettings):
     )
     pgbouncer_query_wait_timeout: int = Field(
         default=5, ge=1, description="Seconds a query may queue for a server connection."
+    )
+    pgbouncer_max_prepared_statements: int = Field(
+        default=0,
+        ge=0,
+        description="PgBouncer's max_prepared_statements (1.22+; 0: it cannot track them).",
     )
     postgres_max_connections: int = Field(default=100, ge=5, description="max_connections.")
     postgres_superuser_reserved: int = Field(

@@ -76,3 +76,45 @@ def test_a_declared_replica_count_that_overflows_is_a_warning(
     log = replica.log.read_text()
     assert "connection budget:" in log
     assert "at most 9 replicas of this shape fit" in log
+
+
+def test_the_master_does_not_import_prometheus_client_before_its_directory_is_set() -> None:
+    """prometheus_client picks multiprocess mode at import: too early, and metrics vanish."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, service.gunicorn_conf; print('prometheus_client' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+def test_prepared_statements_behind_pgbouncer_without_tracking_refuse_to_start(
+    start_service: StartService,
+) -> None:
+    with pytest.raises(procs.StackError) as refused:
+        start_service(prepared_statements="true", pgbouncer_max_prepared_statements=0)
+    assert "PREPARED_STATEMENTS=true needs PgBouncer >= 1.22" in str(refused.value)
+
+
+def test_the_service_logs_which_prepared_statement_mode_it_chose(
+    start_service: StartService, databases: Databases
+) -> None:
+    off = start_service(replica_name="plain-test")
+    assert "prepared statements off" in off.log.read_text()
+    direct = start_service(
+        replica_name="prepared-test",
+        prepared_statements="true",
+        via_pgbouncer="false",
+        database_url=databases.direct_url,
+    )
+    with httpx.Client(base_url=direct.url) as http:
+        assert [http.get("/items/1").status_code for _ in range(20)] == [200] * 20
+    assert "prepared statements on after 5 runs (direct to PostgreSQL)" in direct.log.read_text()
