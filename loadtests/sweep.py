@@ -84,6 +84,7 @@ class Cell:
     failures: int  # unexpected answers and errors
     shed_503: int  # deliberate 503s with Retry-After (pool pressure)
     pool_waiters: int  # peak requests queued in the app pools, summed over workers
+    connection_errors: int  # pool connections refused (direct: "too many clients")
     verdict: str
     as_predicted: bool
 
@@ -102,27 +103,40 @@ def say(line: str) -> None:
 # ---- one cell -----------------------------------------------------------------------------
 
 
-class WaiterPoll:
-    """Polls every replica's metrics port for the pool waiters gauge, keeping the peak."""
+class MetricsPoll:
+    """Polls the replicas' metrics ports: peak pool waiters, and connection errors.
+
+    A connection error is PostgreSQL (or PgBouncer) refusing a new pool connection,
+    "sorry, too many clients already" when the replicas go straight to PostgreSQL.
+    """
 
     def __init__(self, urls: list[str]) -> None:
         self.urls = urls
         self.peak = 0
+        self.connection_errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with httpx.Client(timeout=2) as http:
             while not self._stop.wait(1.0):
-                total = 0
+                waiting = errors = 0
                 for url in self.urls:
                     with contextlib.suppress(httpx.HTTPError):
                         for family in text_string_to_metric_families(http.get(url).text):
+                            total = sum(
+                                s.value
+                                for s in family.samples
+                                if s.name.endswith("_total") or family.type == "gauge"
+                            )
                             if family.name == "pgscale_pool_requests_waiting":
-                                total += int(sum(s.value for s in family.samples))
-                self.peak = max(self.peak, total)
+                                waiting += int(total)
+                            elif family.name == "pgscale_pool_connection_errors":
+                                errors += int(total)
+                self.peak = max(self.peak, waiting)
+                self.connection_errors = max(self.connection_errors, errors)
 
-    def __enter__(self) -> WaiterPoll:
+    def __enter__(self) -> MetricsPoll:
         self._thread.start()
         return self
 
@@ -225,17 +239,21 @@ def judge(cell: Cell, budget: Budget) -> tuple[str, bool]:
             f"measured {cell.measured_clients} clients vs {cell.predicted_clients} predicted,"
             f" {cell.pgbouncer_servers} server connections vs ceiling {server_ceiling}"
         ), False
-    failed = cell.failures > 0 or cell.shed_503 > 0
-    if budget.ok and not failed:
-        return "fits, and ran clean", True
-    if not budget.ok and failed:
+    # Without PgBouncer, overflowing means PostgreSQL refuses pool connections: the pools
+    # stay short of their size, requests queue for what there is (or fail).
+    refused = cell.connection_errors > 0 or cell.measured_clients < cell.predicted_clients
+    if budget.ok and not refused:
+        return "fits, and every pool reached its size", True
+    if not budget.ok and refused:
         return (
             f"over budget ({cell.predicted_clients} > {budget.server_available} available):"
-            f" {cell.failures} failures, {cell.shed_503} shed"
+            f" PostgreSQL refused {cell.connection_errors} connections, pools reached"
+            f" {cell.measured_clients}; {cell.failures} failures, {cell.shed_503} shed 503s,"
+            f" p99 {cell.p99_ms:.0f} ms"
         ), True
     if budget.ok:
-        return f"fits, yet {cell.failures} failures and {cell.shed_503} shed", False
-    return "over budget, yet nothing failed", False
+        return f"fits, yet {cell.connection_errors} connections were refused", False
+    return "over budget, yet every connection was accepted", False
 
 
 def run_cell(
@@ -254,7 +272,7 @@ def run_cell(
     users = min(400, max(20, 5 * budget.clients_at_peak))
     prefix = out / f"{mode}-w{workers}-r{replicas}"
     metrics_urls = [stack.replica(i).metrics_url for i in range(1, replicas + 1)]
-    with WaiterPoll(metrics_urls) as waiters:
+    with MetricsPoll(metrics_urls) as waiters:
         output = run_locust(stack, users, plan.duration, prefix)
     (prefix.parent / f"{prefix.name}.locust.log").write_text(output)
     measured = peaks(Path(f"{prefix}_connections.csv"), mode)
@@ -279,6 +297,7 @@ def run_cell(
         failures=int(totals["failures"]),
         shed_503=measured["shed"],
         pool_waiters=waiters.peak,
+        connection_errors=waiters.connection_errors,
         verdict="",
         as_predicted=False,
     )

@@ -110,8 +110,8 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         "",
         "| mode | W | R | predicted clients | measured clients | PgBouncer servers |"
         " PostgreSQL backends | req/s | p50 ms | p95 ms | p99 ms | failures | shed 503 |"
-        " pool waiters | budget | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " pool waiters | refused connections | budget | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(
@@ -119,6 +119,7 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
             f" {c.measured_clients} | {c.pgbouncer_servers if c.mode == 'pgbouncer' else '-'} |"
             f" {c.postgres_backends} | {c.requests_per_s:.0f} | {c.p50_ms:.0f} | {c.p95_ms:.0f} |"
             f" {c.p99_ms:.0f} | {c.failures} | {c.shed_503} | {c.pool_waiters} |"
+            f" {c.connection_errors} |"
             f" {'fits' if c.budget_fits else 'over'} |"
             f" {'as predicted' if c.as_predicted else 'NOT as predicted'}: {c.verdict} |"
         )

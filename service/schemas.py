@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import TypedDict
 
 BIGINT_MAX = 2**63 - 1
 
@@ -51,6 +52,24 @@ class Item(BaseModel):
     visits: int
     created_at: datetime
     updated_at: datetime
+
+
+class ItemRow(TypedDict):
+    """An item as the database returns it, serialized without building a model."""
+
+    id: int
+    name: str
+    description: str
+    visits: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ItemPageRows(TypedDict):
+    """A page as the route assembles it from rows."""
+
+    items: list[ItemRow]
+    next_after: int | None
 
 
 class ItemPage(BaseModel):

@@ -59,6 +59,6 @@ def test_direct_cell_over_budget_fails_as_predicted(scratch: Path) -> None:
     )
     (cell,) = summary["cells"]
     assert not cell["budget_fits"]
-    assert cell["failures"] + cell["shed_503"] > 0, "PostgreSQL must refuse the overflow"
+    assert cell["connection_errors"] > 0, "PostgreSQL must refuse the overflow"
     assert cell["measured_clients"] < cell["predicted_clients"]
     assert cell["as_predicted"], cell["verdict"]
