@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import TypedDict
@@ -95,3 +95,50 @@ class VisitCount(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Where: `body.name`, `query.limit`, `path.item_id`, ...")
+    message: str
+
+
+class Problem(BaseModel):
+    """An error, as `application/problem+json` (RFC 9457). Never carries the input."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[FieldError] | None = Field(default=None, description="Invalid fields (422).")
+
+
+_PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+_DESCRIPTIONS = {
+    400: "The body could not be read (not UTF-8).",
+    404: "No such resource.",
+    405: "Method not allowed.",
+    413: "Request body over MAX_BODY_BYTES.",
+    422: "Invalid input; `errors` names each field.",
+    503: "No database connection in time, too many waiting, a deadline or statement"
+    " timeout, or the database unreachable. Retry after `Retry-After` seconds.",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the problems a route can answer with."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {
+            "model": Problem,
+            "description": _DESCRIPTIONS[status],
+            "content": _PROBLEM,
+        }
+        if status == 503:
+            entry["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "integer"},
+                }
+            }
+        responses[status] = entry
+    return responses

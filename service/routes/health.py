@@ -9,7 +9,7 @@ from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.deps import DatabaseDep, SettingsDep
 from service.errors import problem
-from service.schemas import Health
+from service.schemas import Health, problem_responses
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("service.health")
@@ -23,7 +23,7 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"description": "Not ready"}})
+@router.get("/readyz", response_model=Health, responses=problem_responses(503))
 async def readyz(request: Request, db: DatabaseDep, settings: SettingsDep) -> JSONResponse:
     """200 when a pooled connection answers `SELECT 1` within READINESS_TIMEOUT."""
     try:

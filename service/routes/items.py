@@ -18,9 +18,12 @@ from service.schemas import (
     ItemPageRows,
     ItemRow,
     ItemUpdate,
+    problem_responses,
 )
 
-router = APIRouter(prefix="/items", tags=["items"])
+router = APIRouter(
+    prefix="/items", tags=["items"], responses=problem_responses(400, 404, 413, 422, 503)
+)
 
 # Reads serialize the rows straight to JSON bytes: no model is built, and FastAPI does
 # not validate the answer again (response_model still documents it in OpenAPI).

@@ -9,9 +9,11 @@ from service.db import Connection
 from service.deps import DatabaseDep
 from service.errors import InvalidReference
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
-from service.schemas import BIGINT_MAX, Visit, VisitCount, VisitCreate
+from service.schemas import BIGINT_MAX, Visit, VisitCount, VisitCreate, problem_responses
 
-router = APIRouter(prefix="/visits", tags=["visits"])
+router = APIRouter(
+    prefix="/visits", tags=["visits"], responses=problem_responses(400, 413, 422, 503)
+)
 
 
 @router.post("", status_code=201)
