@@ -100,7 +100,9 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         "# Workers x replicas sweep",
         "",
         f"Grid: workers {list(plan.workers)} x replicas {list(plan.replicas)}, POOL_MAX"
-        f" {plan.pool_max} (POOL_MIN 1), {plan.duration} s of the read-heavy scenario per cell"
+        f" {plan.pool_max} (through PgBouncer a fixed pool, POOL_MIN = POOL_MAX; direct,"
+        f" POOL_MIN 1 so that overflowing replicas still boot), {plan.duration} s of the"
+        " read-heavy scenario per cell"
         " with 5 users per pooled connection. PgBouncer cells: default_pool_size"
         f" {plan.pgbouncer_pool_size}, no reserve. Direct cells: PostgreSQL with max_connections"
         f" {plan.direct_max_connections}.",
