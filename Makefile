@@ -6,21 +6,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter
+# busybox: tests/test_deploy.py also runs render-config with Alpine's awk.
+APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter busybox
 EXPORTER_VENV := .venv-exporter
 # prometheus-pgbouncer-exporter 2.1.2 pins these; its own psycopg2 needs a compiler, the
 # binary wheel does not. It gets a virtualenv of its own so its pins touch nothing else.
-EXPORTER_PACKAGES := prometheus-pgbouncer-exporter==2.1.2 psycopg2-binary==2.9.13 \
-	python-json-logger==0.1.11 prometheus-client==0.8.0 pyyaml==6.0.4
+# The same pins the pgbouncer-exporter image installs (infra/docker/Dockerfile).
+EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
-.PHONY: setup up down status test lint typecheck pytest clean sweep bench
+.PHONY: setup up down status test lint typecheck pytest clean sweep bench k8s-sync deploy-check
 
 setup: $(STAMP)
 
 # Debian packages when missing (as root, or through sudo), then the virtualenv.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml infra/docker/pgbouncer-exporter.txt
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -65,6 +66,15 @@ sweep: setup
 # Throughput and latency with baselines side by side (about 6 minutes by default).
 bench: setup
 	$(PY) -m loadtests.bench --profile
+
+# k8s/ holds copies of infra/ files (kustomize reads nothing outside its directory).
+k8s-sync: setup
+	$(PY) -m infra.k8s.sync
+
+# compose.yaml (with .env) and every k8s overlay against the connection budget.
+deploy-check: setup
+	$(PY) -m infra.docker.compose
+	$(PY) -m infra.k8s.check
 
 clean: down
 	rm -rf .stack

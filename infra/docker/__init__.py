@@ -1,0 +1,1 @@
+"""What runs inside the containers besides the service: image, start script, helpers."""

@@ -1,0 +1,239 @@
+"""compose.yaml's numbers against the connection budget: `python -m infra.docker.compose`.
+
+Reads compose.yaml as `docker compose` would (YAML anchors and merge keys, then `${VAR}`
+interpolation from the environment and an env file), takes the shape of the deployment
+from it (API_MAX_REPLICAS replicas of WORKERS x POOL_MAX, one PgBouncer, its limits,
+PostgreSQL's) and checks it with service/budget.py, together with what must agree
+across services: the numbers PgBouncer and PostgreSQL run with are the ones every
+replica's start-up guard checks, haproxy has a slot for every replica the budget
+allows, and the PgBouncer config mounted is in transaction mode. Exit code 0 when all
+holds, 1 when not. tests/test_deploy.py runs the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.budget import AppShape, BouncerLimits, PostgresLimits, Topology, check
+from service.budget import render as render_budget
+
+REPO = Path(__file__).resolve().parent.parent.parent
+COMPOSE_FILE = REPO / "compose.yaml"
+ENV_EXAMPLE = REPO / ".env.example"
+
+# `$$`, `$NAME`, `${NAME}` and `${NAME<op>word}` with op one of :- - :? ? :+ +.
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<word>[^}]*))?\})"
+)
+
+BUDGET_NAMES = (
+    "PGBOUNCER_MAX_CLIENT_CONN",
+    "PGBOUNCER_DEFAULT_POOL_SIZE",
+    "PGBOUNCER_RESERVE_POOL_SIZE",
+    "PGBOUNCER_MAX_DB_CONNECTIONS",
+    "PGBOUNCER_QUERY_WAIT_TIMEOUT",
+    "POSTGRES_MAX_CONNECTIONS",
+    "POSTGRES_SUPERUSER_RESERVED",
+)
+
+
+class MissingVariable(ValueError):
+    """A `${VAR:?message}` whose variable is unset: compose refuses to start too."""
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose env file; comments and blank lines skipped."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """`text` with compose's variable syntax replaced from `env`."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["plain"] or match["braced"]
+        op, word = match["op"], match["word"] or ""
+        value = env.get(name)
+        unset_or_empty = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op in (":-", "-"):
+            return interpolate(word, env) if unset_or_empty else str(value)
+        if op in (":?", "?"):
+            if unset_or_empty:
+                raise MissingVariable(f"{name}: {word or 'required variable is not set'}")
+            return str(value)
+        if op in (":+", "+"):
+            return "" if unset_or_empty else interpolate(word, env)
+        return value or ""
+
+    return _VARIABLE.sub(replace, text)
+
+
+def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [_interpolate_tree(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: _interpolate_tree(value, env) for key, value in node.items()}
+    return node
+
+
+def load(env: Mapping[str, str], path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    """The compose model as `docker compose config` would see it (values as strings)."""
+    model = yaml.safe_load(path.read_text())
+    result: dict[str, Any] = _interpolate_tree(model, env)
+    return result
+
+
+def environment(model: Mapping[str, Any], service: str) -> dict[str, str]:
+    """A service's environment as strings (compose allows a mapping or a list)."""
+    env = model["services"][service].get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(key): str(value) for key, value in env.items()}
+
+
+def topology(model: Mapping[str, Any]) -> Topology:
+    """The deployment's shape: the most replicas it may run, as every replica sees it."""
+    api = environment(model, "api")
+    bouncers = int(model["services"]["pgbouncer"].get("deploy", {}).get("replicas", 1))
+    return Topology(
+        app=AppShape(
+            replicas=int(api["REPLICAS"]),
+            workers=int(api["WORKERS"]),
+            pool_min=int(api["POOL_MIN"]),
+            pool_max=int(api["POOL_MAX"]),
+        ),
+        postgres=PostgresLimits(
+            max_connections=int(api["POSTGRES_MAX_CONNECTIONS"]),
+            superuser_reserved=int(api["POSTGRES_SUPERUSER_RESERVED"]),
+        ),
+        bouncer=BouncerLimits(
+            max_client_conn=int(api["PGBOUNCER_MAX_CLIENT_CONN"]),
+            default_pool_size=int(api["PGBOUNCER_DEFAULT_POOL_SIZE"]),
+            reserve_pool_size=int(api["PGBOUNCER_RESERVE_POOL_SIZE"]),
+            max_db_connections=int(api["PGBOUNCER_MAX_DB_CONNECTIONS"]),
+            instances=bouncers,
+        ),
+    )
+
+
+def pool_mode_problems(ini: str, where: str) -> list[str]:
+    """Anything in a pgbouncer.ini (template) but transaction pooling, said plainly.
+
+    Shared with the k8s check: both deployments must run PgBouncer in transaction mode,
+    the mode every rule of the service (no prepared statements, no session state)
+    assumes, and the one that multiplexes R x W x P clients onto few servers.
+    """
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        parser.read_string(ini)
+    except configparser.Error as exc:
+        return [f"{where}: not a valid ini file ({exc})"]
+    problems = []
+    mode = parser.get("pgbouncer", "pool_mode", fallback=None)
+    if mode != "transaction":
+        problems.append(f"{where}: pool_mode = {mode} in [pgbouncer], not transaction")
+    if parser.has_section("databases"):
+        for name, value in parser.items("databases"):
+            found = re.search(r"\bpool_mode\s*=\s*(\w+)", value)
+            if found and found[1] != "transaction":
+                problems.append(f"{where}: database {name} overrides pool_mode = {found[1]}")
+    return problems
+
+
+def _host_path(model: Mapping[str, Any], service: str, target: str) -> Path | None:
+    """The host file bind-mounted at `target` in `service`, if any."""
+    for volume in model["services"][service].get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if rest.split(":")[0] == target and source.startswith((".", "/")):
+            return (COMPOSE_FILE.parent / source).resolve()
+    return None
+
+
+def problems(model: Mapping[str, Any]) -> list[str]:
+    """Everything in the compose model that breaks the budget or disagrees with itself."""
+    found: list[str] = []
+    api = environment(model, "api")
+    budget = check(topology(model))
+    found += [f"API_MAX_REPLICAS={api['REPLICAS']}: {problem}" for problem in budget.problems]
+    started = int(model["services"]["api"].get("deploy", {}).get("replicas", 1))
+    if started > int(api["REPLICAS"]):
+        found.append(
+            f"API_REPLICAS={started} is above API_MAX_REPLICAS={api['REPLICAS']},"
+            " the count the budget and the replicas' start-up guard check"
+        )
+    if api.get("VIA_PGBOUNCER", "true").lower() != "true":
+        found.append("the replicas must reach PostgreSQL through PgBouncer (VIA_PGBOUNCER)")
+    for service in ("pgbouncer", "postgres"):
+        theirs = environment(model, service)
+        for name in BUDGET_NAMES:
+            if name in theirs and theirs[name] != api.get(name):
+                found.append(
+                    f"{service} runs with {name}={theirs[name]} but the replicas' guard"
+                    f" checks {api.get(name)}"
+                )
+    if int(api["PGBOUNCER_QUERY_WAIT_TIMEOUT"]) >= float(api["DB_DEADLINE"]):
+        found.append("PGBOUNCER_QUERY_WAIT_TIMEOUT must be below DB_DEADLINE")
+    servers = environment(model, "lb").get("HAPROXY_SERVERS", "")
+    slots = re.search(r"server-template\s+\S+\s+1-(\d+)\s", servers)
+    if not slots or slots[1] != api["REPLICAS"]:
+        found.append(
+            f"haproxy's server-template must have API_MAX_REPLICAS={api['REPLICAS']} slots"
+            f" (got {servers.strip()!r})"
+        )
+    ini = _host_path(model, "pgbouncer", "/pgscale/infra/pgbouncer/pgbouncer.ini")
+    if ini is None or not ini.is_file():
+        found.append("pgbouncer must mount infra/pgbouncer/pgbouncer.ini")
+    else:
+        found += pool_mode_problems(ini.read_text(), str(ini))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=REPO / ".env",
+        help="compose's env file (default .env; .env.example when .env is missing)",
+    )
+    args = parser.parse_args(argv)
+    env_file = args.env_file if args.env_file.exists() else ENV_EXAMPLE
+    # As compose does: the shell's variables win over the file's.
+    env = {**read_env_file(env_file), **os.environ}
+    # Secrets do not change the arithmetic: stand-ins let an unfilled file be checked.
+    env = {key: value or "unset-secret" for key, value in env.items()}
+    try:
+        model = load(env)
+    except MissingVariable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"compose.yaml with {env_file.name}:\n")
+    print(render_budget(check(topology(model))))
+    found = problems(model)
+    for problem in found:
+        print(f"problem: {problem}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tools for k8s/: copy infra/ files into it, and check its manifests against the budget."""
