@@ -44,10 +44,22 @@ if _settings.metrics_enabled:
         tempfile.mkdtemp(prefix=f"pgscale-metrics-{_settings.replica_name}-")
     )
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+    # Samples a previous run left behind would be summed into ours. Wiped here, while
+    # the config loads: the preloaded app writes its first samples right after.
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+else:
+    # Metrics off: samples stay in each process's memory, nothing is written.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+# Import the app once in the master, then fork: workers start in milliseconds and share
+# the imported code's memory. Nothing connects at import: each worker opens its own
+# pool in the lifespan, after the fork. (prometheus_client notices the fork by itself.)
+preload_app = True
 
 
 def on_starting(server: Any) -> None:
-    """Refuse a replica that cannot fit the deployment; wipe stale metric samples."""
+    """Refuse a replica that cannot fit the deployment, or prepared statements unsafe here."""
     deployment = DeploymentSettings()
     if (
         deployment.via_pgbouncer
@@ -63,10 +75,6 @@ def on_starting(server: Any) -> None:
     except (BudgetExceeded, PreparedStatementsUnsafe) as exc:
         raise SystemExit(str(exc)) from None
     server.log.info("%s", describe_prepared_statements(threshold, deployment))
-    if _settings.metrics_enabled:
-        # Samples a previous run left behind would be summed into ours.
-        shutil.rmtree(_metrics_dir, ignore_errors=True)
-        _metrics_dir.mkdir(parents=True, exist_ok=True)
 
 
 def when_ready(server: Any) -> None:
@@ -75,6 +83,9 @@ def when_ready(server: Any) -> None:
         return
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+    # The preloaded app created its gauges here in the master, which serves no request:
+    # drop its series, or every replica would show an idle "worker" with the master's pid.
+    multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     start_http_server(_settings.metrics_port, addr=_settings.host, registry=registry)
