@@ -16,7 +16,7 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
-.PHONY: setup up down status test lint typecheck pytest clean sweep bench k8s-sync deploy-check
+.PHONY: setup up down status test lint typecheck pytest clean sweep bench faults k8s-sync deploy-check
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ sweep: setup
 # Throughput and latency with baselines side by side (about 6 minutes by default).
 bench: setup
 	$(PY) -m loadtests.bench --profile
+
+# Every fault under load on a private stack, each acknowledged write audited (about 3
+# minutes); report in reports/faults/. `make faults ONLY="network-cut pgbouncer-pause"`.
+ONLY ?=
+faults: setup
+	$(PY) -m tests.faults $(if $(ONLY),--only $(ONLY))
 
 # k8s/ holds copies of infra/ files (kustomize reads nothing outside its directory).
 k8s-sync: setup

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -137,6 +137,9 @@ class Database:
         self.per_request = settings.connection_strategy == "per-request"
         self.deadline = settings.db_deadline
         self.observer = observer or NullPoolObserver()
+        # Calls past their deadline, still cancelling in the background (see _bounded);
+        # held here so they are not garbage-collected half-way.
+        self._abandoned: set[asyncio.Future[Any]] = set()
         self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
             sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
         )
@@ -163,29 +166,57 @@ class Database:
         finally:
             _MUST_CHECK.reset(token)
 
-    @asynccontextmanager
-    async def _deadline(self) -> AsyncIterator[None]:
+    async def _bounded(self, call: Coroutine[Any, Any, T], seconds: float) -> T:
+        """Await `call`, but give up after `seconds` whatever the network does.
+
+        Cancelling a psycopg call does not end it at once: psycopg sends the server a
+        cancel request and waits for the query to stop, and through a network that
+        silently drops packets it waits for a long time. So the call runs as a task of
+        its own; past `seconds` it is cancelled and left to finish that clean-up in the
+        background (its connection then goes back to the pool or is discarded), and
+        TimeoutError is raised now.
+        """
+        task = asyncio.ensure_future(call)
         try:
-            async with asyncio.timeout(self.deadline):
-                yield
+            done, _ = await asyncio.wait({task}, timeout=seconds)
+        except asyncio.CancelledError:
+            task.cancel()  # the request itself was cancelled (client gone, shutdown)
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._forget)
+        raise TimeoutError(f"no answer within {seconds} s")
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the request was answered already
+
+    async def _within_deadline(self, call: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await self._bounded(call, self.deadline)
         except TimeoutError as exc:
             self.observer.deadline_exceeded()
             raise DatabaseDeadline from exc
 
     async def _read(self, run: Callable[[Connection], Awaitable[T]]) -> T:
         """One read statement in autocommit, repeated once if its connection was dead."""
-        async with self._deadline():
-            used: Connection | None = None
-            try:
-                async with self._connection(must_check=False) as conn:
-                    used = conn
-                    return await run(conn)
-            except psycopg.OperationalError:
-                if used is None or not used.broken:
-                    raise  # the query failed, not the connection: report it
-                logger.info("connection of %r found dead by a read: repeating it", self.pool.name)
-            async with self._connection(must_check=True) as conn:
+        return await self._within_deadline(self._read_once_or_twice(run))
+
+    async def _read_once_or_twice(self, run: Callable[[Connection], Awaitable[T]]) -> T:
+        used: Connection | None = None
+        try:
+            async with self._connection(must_check=False) as conn:
+                used = conn
                 return await run(conn)
+        except psycopg.OperationalError:
+            if used is None or not used.broken:
+                raise  # the query failed, not the connection: report it
+            logger.info("connection of %r found dead by a read: repeating it", self.pool.name)
+        async with self._connection(must_check=True) as conn:
+            return await run(conn)
 
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
         """Run one read statement in autocommit and return its first row."""
@@ -211,8 +242,10 @@ class Database:
         Its connection is always tested first, and it is never repeated. Pipeline mode
         sends BEGIN, SET LOCAL and the first statements together.
         """
+        return await self._within_deadline(self._transaction(work))
+
+    async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         async with (
-            self._deadline(),
             self._connection(must_check=True) as conn,
             conn.pipeline(),
             conn.transaction(),
@@ -226,7 +259,10 @@ class Database:
             async with asyncio.timeout(within), await self._connect() as conn:
                 await conn.execute("SELECT 1")
             return
-        async with asyncio.timeout(within), self.pool.connection(timeout=within) as conn:
+        await self._bounded(self._select_one(within), within)
+
+    async def _select_one(self, within: float) -> None:
+        async with self.pool.connection(timeout=within) as conn:
             await conn.execute("SELECT 1")
 
     async def _connect(self) -> Connection:

@@ -86,7 +86,7 @@ def databases(scratch: Path) -> Iterator[Databases]:
         default_pool_size=4,
         reserve_pool_size=0,
         max_db_connections=8,
-        query_wait_timeout=3,
+        query_wait_timeout=2,
         server_login_retry=1,
     )
     try:
@@ -124,7 +124,13 @@ def start_service(scratch: Path, databases: Databases) -> Iterator[StartService]
     counter = iter(range(1, 10_000))
 
     def start(**settings: object) -> Replica:
-        env = {"DATABASE_URL": databases.pooled_url, "WORKERS": "1", "LOG_LEVEL": "info"}
+        env = {
+            "DATABASE_URL": databases.pooled_url,
+            "WORKERS": "1",
+            "LOG_LEVEL": "info",
+            # What the session's PgBouncer runs with, for the start-up checks.
+            "PGBOUNCER_QUERY_WAIT_TIMEOUT": "2",
+        }
         env.update({key.upper(): str(value) for key, value in settings.items()})
         replica = Replica(
             scratch / "replicas", next(counter), procs.free_port(), procs.free_port(), env

@@ -17,7 +17,7 @@ from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
 from service.budget import Budget, check, deployment_topology
-from service.settings import Settings
+from service.settings import DeploymentSettings, Settings
 
 APP_ROLE = "app"
 APP_DATABASE = "app"
@@ -138,13 +138,26 @@ class Stack:
         )
 
     def service_env(self) -> dict[str, str]:
-        """Every service setting as an environment variable: a change restarts replicas."""
+        """Every service and deployment setting as an environment variable.
+
+        The deployment's (REPLICAS, the PgBouncer and PostgreSQL limits) go too, so each
+        replica's start-up guard checks the numbers this stack really runs with, even
+        when they were set in code rather than in the environment. A change restarts
+        the replicas.
+        """
         per_replica = {"host", "port", "metrics_port", "replica_name", "prometheus_multiproc_dir"}
-        return {
+        service = {
             name.upper(): str(value)
             for name, value in self.service_settings().model_dump(mode="json").items()
             if name not in per_replica
         }
+        deployment = {
+            name.upper(): str(getattr(self.settings, name)).lower()
+            if isinstance(getattr(self.settings, name), bool)
+            else str(getattr(self.settings, name))
+            for name in DeploymentSettings.model_fields
+        }
+        return {**deployment, **service}
 
     def replica(self, index: int) -> Replica:
         return Replica(

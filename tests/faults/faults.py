@@ -1,0 +1,747 @@
+"""The faults, and the phase that runs one under load and turns it into a report row.
+
+A phase: fresh items for its writes, the steady load through haproxy, a warm-up, the
+fault (injected, held, cleared), then load until a streak of successes shows recovery,
+then the drain of unacknowledged writes and the audit against PostgreSQL. Each fault
+is a function of the phase: it marks when the fault starts and clears, sends whatever
+probes it needs through the phase (so they are counted and timed like the load), and
+adds the checks that are its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import LiteralString
+
+import httpx
+import psycopg
+
+from infra.localstack import procs
+from infra.localstack.postgres import FAST, IMMEDIATE
+from tests.faults.harness import SEED_ITEMS, Harness
+from tests.faults.ledger import Ledger, audit
+from tests.faults.load import Attempt, Load, Recorder, post_visit, timed
+from tests.faults.report import Check, Row
+
+POOL_WAIT_DETAIL = "no database connection available in time"
+QUEUE_FULL_DETAIL = "too many requests waiting for the database"
+TOO_SLOW_DETAIL = "the database did not answer in time"
+ROW_LOCK: LiteralString = "SELECT 1 FROM items WHERE id = %s FOR UPDATE"
+TABLE_LOCK: LiteralString = "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"
+
+
+@dataclass
+class Phase:
+    """One fault's run: its clocks, its records, its own checks and notes."""
+
+    harness: Harness
+    name: str
+    recorder: Recorder
+    ledger: Ledger
+    items: list[int]  # items this phase writes to (the first `reserved` kept from the load)
+    fault_at: float | None = None
+    cleared_at: float | None = None
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def fault(self) -> None:
+        self.fault_at = time.monotonic()
+
+    def cleared(self) -> None:
+        self.cleared_at = time.monotonic()
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append(Check(name, bool(ok), detail))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def client(self, url: str | None = None, connections: int = 100) -> httpx.Client:
+        return httpx.Client(
+            base_url=url or self.harness.lb_url,
+            timeout=self.harness.tuning.client_timeout,
+            limits=httpx.Limits(max_connections=connections),
+        )
+
+    def since_fault(self) -> float:
+        assert self.fault_at is not None
+        return time.monotonic() - self.fault_at
+
+
+FaultRun = Callable[[Phase], None]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A named fault, what it claims, and the errors clients may see while it lasts."""
+
+    name: str
+    description: str
+    run: FaultRun
+    # 503 from the service, or from haproxy itself when no replica passes /readyz (a
+    # 503 too, counted apart in the report); anything else fails the row.
+    allowed_errors: frozenset[str] = frozenset({"503", "503(lb)"})
+    reserved_items: int = 0  # items the steady load leaves alone (for the fault's probes)
+
+
+# ---- the phase ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each part of a phase lasts."""
+
+    warmup: float = 2.0
+    settle: float = 1.0  # load after recovery, to see it hold
+    recover_within: float = 30.0
+    streak: int = 20  # consecutive successes that count as recovered
+    drain: float = 20.0
+    threads: int = 6
+    think: float = 0.01
+
+
+def recovery_seconds(attempts: list[Attempt], cleared_at: float, streak: int) -> float | None:
+    """From `cleared_at` to the first of `streak` consecutive successes (by start time).
+
+    0 when the requests right after the fault cleared already succeed; None when no
+    such streak was seen.
+    """
+    after = [a for a in attempts if a.started >= cleared_at and a.source == "load"]
+    run = 0
+    for i, attempt in enumerate(after):
+        run = run + 1 if attempt.ok else 0
+        if run == streak:
+            first = i - streak + 1
+            return 0.0 if first == 0 else after[first].started - cleared_at
+    return None
+
+
+def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> Row:
+    """Run `fault` under steady load and audit what it did."""
+    timing = timing or Timing()
+    tuning = harness.tuning
+    items = harness.new_items(8 + fault.reserved_items, fault.name)
+    recorder, ledger = Recorder(), Ledger()
+    phase = Phase(harness, fault.name, recorder, ledger, items)
+    load = Load(
+        harness.lb_url,
+        recorder,
+        ledger,
+        write_items=items[fault.reserved_items :],
+        read_ids=SEED_ITEMS,
+        threads=timing.threads,
+        think=timing.think,
+        timeout=tuning.client_timeout,
+    )
+    load.start()
+    try:
+        time.sleep(timing.warmup)
+        try:
+            fault.run(phase)
+        except Exception as exc:  # the row reports it; the next fault needs a healthy stack
+            phase.check("the fault ran as planned", False, f"{type(exc).__name__}: {exc}")
+            repair(harness)
+        if phase.fault_at is None:
+            phase.fault()
+        if phase.cleared_at is None:
+            phase.cleared()
+        assert phase.cleared_at is not None
+        cleared_at = phase.cleared_at
+        procs.wait_until(
+            lambda: recovery_seconds(recorder.attempts(), cleared_at, timing.streak) is not None,
+            timing.recover_within,
+            interval=0.1,
+        )
+        time.sleep(timing.settle)
+    finally:
+        load.stop(drain=timing.drain)
+    harness.wait_healthy()
+    result = audit(harness.direct_url, ledger, items)
+    attempts = recorder.attempts()
+    assert phase.fault_at is not None
+    describe(phase, attempts, tuning.bound)
+    return Row(
+        fault=fault.name,
+        description=fault.description,
+        requests=len(attempts),
+        errors=dict(recorder.errors()),
+        allowed_errors=sorted(fault.allowed_errors),
+        acknowledged=result.acknowledged,
+        retried=result.retried,
+        replayed=result.replayed,
+        lost=result.lost,
+        duplicated=result.duplicated,
+        unresolved=result.unresolved,
+        over_bound=sum(1 for a in attempts if a.elapsed > tuning.bound),
+        max_latency=max((a.elapsed for a in attempts), default=0.0),
+        recovery=recovery_seconds(attempts, cleared_at, timing.streak),
+        fault_seconds=cleared_at - phase.fault_at,
+        checks=phase.checks,
+        notes=phase.notes,
+    )
+
+
+def describe(phase: Phase, attempts: list[Attempt], bound: float) -> None:
+    """Checks and notes every phase gets: Retry-After, haproxy's own 503s, the slowest."""
+    assert phase.fault_at is not None
+    service_503 = [a for a in attempts if a.outcome == "503"]
+    phase.check(
+        "every 503 from the service carries Retry-After",
+        all(a.retry_after for a in service_503),
+        f"{sum(1 for a in service_503 if not a.retry_after)} of {len(service_503)} without",
+    )
+    lb_503 = [a for a in attempts if a.outcome == "503(lb)"]
+    if lb_503:
+        phase.note(
+            f"{len(lb_503)} answers were haproxy's own 503 (every replica failed /readyz, so"
+            f" haproxy had none UP), from {lb_503[0].started - phase.fault_at:+.2f} s to"
+            f" {lb_503[-1].started - phase.fault_at:+.2f} s after the fault;"
+            f" {sum(1 for a in lb_503 if a.retry_after)} of them with Retry-After"
+        )
+    details: dict[str, int] = {}
+    for a in attempts:
+        if not a.ok and a.detail:
+            details[f"{a.outcome} {a.detail}"] = details.get(f"{a.outcome} {a.detail}", 0) + 1
+    if details:
+        phase.note("service errors: " + "; ".join(f"{k} x{v}" for k, v in details.items()))
+    slowest = sorted(attempts, key=lambda a: a.elapsed, reverse=True)
+    over = [a for a in slowest if a.elapsed > bound]
+    for a in over[:3] or slowest[:1]:
+        phase.note(
+            f"{'over the bound' if a.elapsed > bound else 'slowest'}: {a.source} {a.kind}"
+            f" {a.outcome} in {a.elapsed:.2f} s, started {a.started - phase.fault_at:+.2f} s"
+            f" after the fault{f' ({a.detail})' if a.detail else ''}"
+        )
+
+
+def repair(harness: Harness) -> None:
+    """Bring every part back after a fault that failed half-way."""
+    harness.proxy.restore()
+    stack = harness.stack
+    if not stack.postgres().running():
+        stack.postgres().start()
+    harness.start_pgbouncer()
+    with contextlib.suppress(psycopg.Error):
+        harness.pgbouncer().admin("RESUME")
+    for index in range(1, harness.tuning.replicas + 1):
+        replica = harness.replica(index)
+        if not replica.running():
+            replica.start()
+            replica.wait_ready()
+    harness.wait_healthy()
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+class LockHolder:
+    """A transaction straight on PostgreSQL that takes a lock and holds it until released."""
+
+    def __init__(
+        self, conninfo: str, statement: LiteralString, params: tuple[object, ...] = ()
+    ) -> None:
+        self.conninfo = conninfo
+        self.statement = statement
+        self.params = params
+        self.pid = 0
+        self._taken = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._hold, name="lock-holder")
+
+    def _hold(self) -> None:
+        try:
+            with psycopg.connect(self.conninfo) as conn:
+                row = conn.execute("SELECT pg_backend_pid()").fetchone()
+                self.pid = int(row[0]) if row else 0
+                conn.execute(self.statement, self.params)
+                self._taken.set()
+                self._release.wait(60)
+                conn.rollback()
+        except BaseException as exc:
+            self._error = exc
+            self._taken.set()
+
+    def __enter__(self) -> LockHolder:
+        self._thread.start()
+        if not self._taken.wait(10) or self._error is not None:
+            raise AssertionError(f"could not take the lock: {self._error}")
+        return self
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join(15)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def blocked(self) -> int:
+        """Backends waiting on this lock now, directly or queued behind another waiter."""
+        with psycopg.connect(self.conninfo, autocommit=True) as conn:
+            row = conn.execute(
+                """
+                WITH RECURSIVE waiting(pid) AS (
+                    SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))
+                    UNION
+                    SELECT a.pid FROM pg_stat_activity a
+                    JOIN waiting w ON w.pid = ANY(pg_blocking_pids(a.pid))
+                )
+                SELECT count(*) FROM waiting
+                """,
+                (self.pid,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
+@contextlib.contextmanager
+def log_since(path: os.PathLike[str]) -> Iterator[Callable[[], str]]:
+    """What a log file gained while the block ran (read with the returned function)."""
+    with open(path, "rb") as f:
+        start = f.seek(0, os.SEEK_END)
+
+    def read() -> str:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace")
+
+    yield read
+
+
+# ---- PgBouncer ---------------------------------------------------------------------------
+
+
+def pgbouncer_stopped(sig: signal.Signals, down_for: float = 1.0) -> FaultRun:
+    """PgBouncer stopped by `sig`, down for `down_for` seconds, then started again."""
+
+    def run(phase: Phase) -> None:
+        phase.fault()
+        took = phase.harness.signal_pgbouncer(sig)
+        phase.note(f"PgBouncer exited {took:.2f} s after {sig.name}")
+        time.sleep(down_for)
+        phase.harness.start_pgbouncer()
+        phase.cleared()
+
+    return run
+
+
+def pgbouncer_pause(phase: Phase) -> None:
+    """PAUSE (waits for running queries), hold, RESUME: clients only wait."""
+    hold = phase.harness.tuning.query_wait_timeout * 0.75
+    bouncer = phase.harness.pgbouncer()
+    paused = threading.Event()
+
+    def pause() -> None:
+        bouncer.admin("PAUSE")  # returns once no server connection is in use
+        paused.set()
+
+    phase.fault()
+    thread = threading.Thread(target=pause, name="pause")
+    thread.start()
+    if not paused.wait(1.0):
+        phase.note(f"PAUSE still waiting after 1 s: {pgbouncer_snapshot(phase.harness)}")
+    paused.wait(30)
+    phase.note(
+        f"PAUSE returned after {phase.since_fault():.2f} s; held {hold:.1f} s"
+        f" (query_wait_timeout {phase.harness.tuning.query_wait_timeout} s)"
+    )
+    time.sleep(hold)
+    bouncer.admin("RESUME")
+    thread.join(30)
+    phase.cleared()
+
+
+def pgbouncer_snapshot(harness: Harness) -> str:
+    """Who holds PgBouncer's server connections, and what waits, as one line."""
+    bouncer = harness.pgbouncer()
+    servers = [
+        f"{s['state']}{'+linked' if s['link'] else ''}" for s in bouncer.admin("SHOW SERVERS")
+    ]
+    clients = [
+        f"{c['state']}{'+linked' if c['link'] else ''}"
+        for c in bouncer.admin("SHOW CLIENTS")
+        if c["state"] != "idle"
+    ]
+    with psycopg.connect(harness.direct_url, autocommit=True) as conn:
+        backends = [
+            f"{r[0]}:{r[1] or '-'}:{(r[2] or '').split()[0] if r[2] else ''}"
+            for r in conn.execute(
+                "SELECT state, wait_event, query FROM pg_stat_activity"
+                " WHERE usename = current_user AND pid <> pg_backend_pid()"
+            ).fetchall()
+        ]
+    return f"servers {servers}; clients {clients}; backends {backends}"
+
+
+def pgbouncer_reload(phase: Phase) -> None:
+    """The config rewritten and RELOADed, three times, under load."""
+    bouncer = phase.harness.pgbouncer()
+    phase.fault()
+    for _ in range(3):
+        bouncer.write_config()
+        bouncer.admin("RELOAD")
+        time.sleep(0.5)
+    phase.cleared()
+
+
+# ---- PostgreSQL --------------------------------------------------------------------------
+
+
+def postgres_restarted(mode: signal.Signals, down_for: float = 1.0) -> FaultRun:
+    """PostgreSQL stopped (FAST: SIGINT, IMMEDIATE: SIGQUIT, no checkpoint), then started."""
+
+    def run(phase: Phase) -> None:
+        pg = phase.harness.stack.postgres()
+        phase.fault()
+        started = time.monotonic()
+        pg.stop(mode)
+        phase.note(f"PostgreSQL stopped {time.monotonic() - started:.2f} s after {mode.name}")
+        time.sleep(down_for)
+        started = time.monotonic()
+        pg.start()
+        phase.note(f"PostgreSQL accepting {time.monotonic() - started:.2f} s after start")
+        phase.cleared()
+
+    return run
+
+
+# ---- the network -------------------------------------------------------------------------
+
+
+def network_cut(hold: float = 2.0) -> FaultRun:
+    """Every replica-to-PgBouncer connection reset, new ones refused, for `hold` seconds."""
+
+    def run(phase: Phase) -> None:
+        proxy = phase.harness.proxy
+        before = proxy.stats.reset_by_cut
+        phase.fault()
+        proxy.cut()
+        time.sleep(hold)
+        proxy.restore()
+        phase.cleared()
+        reset = proxy.stats.reset_by_cut - before
+        phase.check("the cut reset live connections", reset > 0, f"{reset} connections reset")
+
+    return run
+
+
+def network_blackhole(hold: float) -> FaultRun:
+    """Nothing flows between replicas and PgBouncer for `hold` seconds; nothing is refused."""
+
+    def run(phase: Phase) -> None:
+        proxy = phase.harness.proxy
+        held_before = proxy.stats.held_by_blackhole
+        phase.fault()
+        proxy.blackhole()
+        time.sleep(hold)
+        proxy.restore()
+        phase.cleared()
+        phase.note(
+            f"{proxy.connections()} connections through the proxy;"
+            f" {proxy.stats.held_by_blackhole - held_before} new ones held in the blackhole"
+        )
+
+    return run
+
+
+# ---- pool pressure -----------------------------------------------------------------------
+
+
+def pool_exhaustion(phase: Phase) -> None:
+    """Every pool connection stuck behind a table lock, and a burst on top of the load.
+
+    Requests that wait for a connection get 503 within POOL_TIMEOUT; those past
+    POOL_MAX_WAITING get 503 at once; the stuck queries are cancelled by the
+    statement timeout; once the lock goes, everything serves again.
+    """
+    h = phase.harness
+    t = h.tuning
+    burst_size = 10 * t.workers * t.replicas
+    with LockHolder(h.direct_url, TABLE_LOCK) as lock:
+        phase.fault()
+        with phase.client(connections=burst_size) as http, ThreadPoolExecutor(burst_size) as pool:
+            list(
+                pool.map(
+                    lambda i: timed(
+                        http, phase.recorder, "GET", f"/items/{i + 1}", source="burst", kind="read"
+                    ),
+                    range(burst_size),
+                )
+            )
+        # Hold until the statement timeout has cancelled what was stuck.
+        time.sleep(max(0.0, t.statement_timeout + 0.5 - phase.since_fault()))
+        phase.note(
+            f"lock held {phase.since_fault():.2f} s; {lock.blocked()} backends still blocked"
+        )
+    phase.cleared()
+    burst = [a for a in phase.recorder.attempts() if a.source == "burst"]
+    waited = [a for a in burst if a.detail == POOL_WAIT_DETAIL]
+    refused = [a for a in burst if a.detail == QUEUE_FULL_DETAIL]
+    phase.note(
+        f"burst of {burst_size}: {len(waited)} waited for a connection, {len(refused)} refused"
+        f" at once, {sum(1 for a in burst if a.detail == TOO_SLOW_DETAIL)} cancelled,"
+        f" {sum(1 for a in burst if a.ok)} served"
+    )
+    slack = 0.5
+    phase.check(
+        "503 after waiting POOL_TIMEOUT for a connection",
+        bool(waited)
+        and all(0.8 * t.pool_timeout <= a.elapsed <= t.pool_timeout + slack for a in waited),
+        f"{len(waited)} in {span(waited)} (POOL_TIMEOUT {t.pool_timeout} s)",
+    )
+    phase.check(
+        "immediate 503 past POOL_MAX_WAITING",
+        bool(refused) and all(a.elapsed < 0.5 * t.pool_timeout for a in refused),
+        f"{len(refused)} in {span(refused)}",
+    )
+
+
+def span(attempts: list[Attempt]) -> str:
+    if not attempts:
+        return "-"
+    times = [a.elapsed for a in attempts]
+    return f"{min(times):.2f}-{max(times):.2f} s"
+
+
+def statement_timeout(phase: Phase) -> None:
+    """A write stuck on a row lock past STATEMENT_TIMEOUT: cancelled, reported, not left running.
+
+    The write is then retried with its key once the lock is gone, and lands once.
+    """
+    h = phase.harness
+    t = h.tuning
+    item = phase.items[0]  # reserved: the steady load does not write to it
+    write = phase.ledger.new(item)
+    with (
+        log_since(h.stack.postgres().log) as postgres_log,
+        LockHolder(h.direct_url, ROW_LOCK, (item,)) as lock,
+        phase.client() as http,
+    ):
+        phase.fault()
+        resp = post_visit(http, phase.recorder, phase.ledger, write, source="probe")
+        elapsed = phase.since_fault()
+        left_running = lock.blocked()
+        lock.release()
+        phase.cleared()
+        phase.check(
+            "the stuck write is answered 503 after STATEMENT_TIMEOUT, within DB_DEADLINE",
+            resp is not None
+            and resp.status_code == 503
+            and bool(resp.headers.get("retry-after"))
+            and t.statement_timeout * 0.9 <= elapsed < t.db_deadline,
+            f"{resp.status_code if resp is not None else 'no answer'} after {elapsed:.2f} s"
+            f" (STATEMENT_TIMEOUT {t.statement_timeout} s)",
+        )
+        phase.check(
+            "the cancelled statement is not left running",
+            left_running == 0,
+            f"{left_running} backends still waiting on the lock after the 503",
+        )
+        deadline = time.monotonic() + 10
+        while not write.acked and time.monotonic() < deadline:
+            post_visit(http, phase.recorder, phase.ledger, write, source="probe")
+            time.sleep(0.2)
+        cancelled = "canceling statement due to statement timeout" in postgres_log()
+    phase.check(
+        "PostgreSQL reports the cancellation",
+        cancelled,
+        "'canceling statement due to statement timeout' in its log",
+    )
+    phase.check("the retried write lands", write.acked, f"after {write.attempts} attempts")
+
+
+# ---- replicas and workers ----------------------------------------------------------------
+
+
+def replica_sigterm(phase: Phase) -> None:
+    """SIGTERM to replica 1 with requests in flight on it.
+
+    In-flight writes are held on a row lock so they are certainly running when the
+    signal lands; they must complete (201), the load balancer must send everything else
+    to replica 2 without a single 5xx, and the replica comes back afterwards.
+    """
+    h = phase.harness
+    replica = h.replica(1)
+    master = h.replica_pid(1)
+    item = phase.items[0]
+    in_flight = 2  # of the worker's POOL_MAX 4: the load keeps its connections
+    writes = [phase.ledger.new(item) for _ in range(in_flight)]
+    answers: list[int | None] = []
+    with (
+        LockHolder(h.direct_url, ROW_LOCK, (item,)) as lock,
+        phase.client(replica.url) as http,
+        ThreadPoolExecutor(in_flight) as pool,
+    ):
+        futures = [
+            pool.submit(post_visit, http, phase.recorder, phase.ledger, w, source="in-flight")
+            for w in writes
+        ]
+        blocked = procs.wait_until(lambda: lock.blocked() >= in_flight, 5, interval=0.05)
+        phase.check("writes in flight on the replica", blocked, f"{lock.blocked()} blocked")
+        phase.fault()
+        os.kill(master, signal.SIGTERM)
+        time.sleep(1.0)  # the replica is draining; the load balancer must route around it
+        lock.release()
+        for future in futures:
+            resp = future.result()
+            answers.append(resp.status_code if resp is not None else None)
+    exited = procs.wait_until(
+        lambda: not procs.alive(master), h.tuning.graceful_timeout + 5, interval=0.05
+    )
+    phase.note(f"replica-1 exited {phase.since_fault():.2f} s after SIGTERM")
+    phase.check("replica-1 exits", exited)
+    phase.check(
+        "in-flight requests complete",
+        answers == [201] * in_flight,
+        f"answers {answers}",
+    )
+    assert phase.fault_at is not None
+    fault_at, restarted_at = phase.fault_at, time.monotonic()
+    meanwhile = [
+        a
+        for a in phase.recorder.attempts()
+        if a.source == "load" and fault_at <= a.started < restarted_at
+    ]
+    phase.check(
+        "new requests go to the other replica meanwhile",
+        bool(meanwhile) and all(a.ok for a in meanwhile),
+        f"{sum(1 for a in meanwhile if a.ok)} of {len(meanwhile)} answered 2xx while replica-1"
+        " drained and was down",
+    )
+    replica.start()
+    replica.wait_ready()
+    h.wait_healthy()
+    phase.cleared()
+    phase.note(f"replica-1 back and UP in haproxy {phase.since_fault():.2f} s after SIGTERM")
+
+
+def worker_killed(phase: Phase) -> None:
+    """SIGKILL to one uvicorn worker of replica 2: gunicorn replaces it, its metrics go."""
+    h = phase.harness
+    workers = h.worker_pids(2)
+    victim = min(workers)
+    before = h.metrics_pids(2)
+    phase.check("the victim has metrics series", victim in before, f"pids {sorted(before)}")
+    phase.fault()
+    os.kill(victim, signal.SIGKILL)
+    phase.cleared()  # the fault is the kill itself; recovery is gunicorn's
+
+    def replaced() -> bool:
+        now = h.worker_pids(2)
+        return victim not in now and len(now) == len(workers)
+
+    phase.check("gunicorn replaces the worker", procs.wait_until(replaced, 15, interval=0.05))
+    phase.note(f"replacement worker running {phase.since_fault():.2f} s after the kill")
+    newcomer = h.worker_pids(2) - workers
+
+    def series_moved() -> bool:
+        pids = h.metrics_pids(2)
+        return victim not in pids and newcomer <= pids
+
+    moved = procs.wait_until(series_moved, 15, interval=0.1)
+    after = h.metrics_pids(2)
+    phase.check(
+        "its metrics series disappear, the replacement's appear",
+        moved,
+        f"pids before {sorted(before)}, after {sorted(after)}",
+    )
+    phase.note(f"metrics series replaced {phase.since_fault():.2f} s after the kill")
+
+
+# ---- the catalogue -----------------------------------------------------------------------
+
+
+def catalogue() -> list[Fault]:
+    """Every fault of the full suite, in the order it runs."""
+    return [
+        Fault(
+            "pgbouncer-sigkill",
+            "PgBouncer killed with SIGKILL, down 1 s, started again.",
+            pgbouncer_stopped(signal.SIGKILL),
+        ),
+        Fault(
+            "pgbouncer-sigterm",
+            "PgBouncer 1.18 SIGTERM (immediate shutdown), down 1 s, started again.",
+            pgbouncer_stopped(signal.SIGTERM),
+        ),
+        Fault(
+            "pgbouncer-sigint",
+            "PgBouncer 1.18 SIGINT (safe shutdown: PAUSE, then exit), down 1 s, started again.",
+            pgbouncer_stopped(signal.SIGINT),
+        ),
+        Fault(
+            "pgbouncer-pause",
+            "PgBouncer PAUSE held below query_wait_timeout, then RESUME.",
+            pgbouncer_pause,
+        ),
+        Fault(
+            "pgbouncer-reload",
+            "PgBouncer config rewritten and RELOADed three times.",
+            pgbouncer_reload,
+        ),
+        Fault(
+            "postgres-fast",
+            "PostgreSQL fast shutdown (SIGINT), down 1 s, started again.",
+            postgres_restarted(FAST),
+        ),
+        Fault(
+            "postgres-immediate",
+            "PostgreSQL immediate shutdown (SIGQUIT: crash recovery at start), down 1 s.",
+            postgres_restarted(IMMEDIATE),
+        ),
+        Fault(
+            "network-cut",
+            "Replica-to-PgBouncer connections reset and refused for 2 s (TCP proxy).",
+            network_cut(2.0),
+        ),
+        Fault(
+            "network-blackhole",
+            "Replica-to-PgBouncer traffic silently dropped for 2 s, nothing refused.",
+            network_blackhole(2.0),
+        ),
+        Fault(
+            "network-blackhole-long",
+            "Replica-to-PgBouncer traffic silently dropped for longer than DB_DEADLINE.",
+            network_blackhole(6.0),
+        ),
+        Fault(
+            "pool-exhaustion",
+            "Every pool connection stuck behind a table lock, plus a burst of requests.",
+            pool_exhaustion,
+        ),
+        Fault(
+            "statement-timeout",
+            "A write stuck on a row lock beyond STATEMENT_TIMEOUT, then retried.",
+            statement_timeout,
+            reserved_items=1,
+        ),
+        Fault(
+            "replica-sigterm",
+            "SIGTERM to replica 1 with writes in flight on it; restarted afterwards.",
+            replica_sigterm,
+            allowed_errors=frozenset(),
+            reserved_items=1,
+        ),
+        Fault(
+            "worker-sigkill",
+            "SIGKILL to one uvicorn worker of replica 2.",
+            worker_killed,
+            # The request the worker held dies with it: haproxy answers 502 or, on a
+            # reused connection, closes the client's; a write is retried with its key.
+            allowed_errors=frozenset({"503", "503(lb)", "502(lb)", "RemoteProtocolError"}),
+        ),
+    ]
+
+
+def by_name(names: list[str]) -> list[Fault]:
+    known = {f.name: f for f in catalogue()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown fault(s) {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]

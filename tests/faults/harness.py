@@ -1,0 +1,272 @@
+"""A private local stack for the faults, with our TCP proxy between replicas and PgBouncer.
+
+The stack is `infra.localstack`'s own (same templates, same components, `Stack.up`),
+on ports from `free_port_block` in a temporary directory, so a running `make up` is
+left alone. A `Stack` subclass points the replicas' DATABASE_URL at the proxy, and
+pins the service's bounds to short values so each fault fits in seconds. Everything
+started here is stopped by recorded pid when the context exits, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+
+from infra.localstack import procs
+from infra.localstack.config import StackSettings
+from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.replicas import Replica
+from infra.localstack.secrets import password
+from infra.localstack.stack import APP_DATABASE, APP_ROLE, Stack
+from service.settings import DeploymentSettings, Settings
+from tests.faults.proxy import TcpProxy
+
+SEED_ITEMS = 200
+MOST_REPLICAS = 4  # ports reserved for replicas (and their metrics ports)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The service's bounds in these runs: the defaults' shape, scaled down to seconds.
+
+    `bound` is the longest any request may take: DB_DEADLINE plus a margin for HTTP,
+    haproxy and a shared 2-core machine. The clients' own timeout is far above it, so a
+    request that would hang is measured, not cut short.
+    """
+
+    replicas: int = 2
+    workers: int = 2
+    pool_min: int = 2
+    pool_max: int = 4
+    pool_timeout: float = 1.0
+    pool_max_waiting: int = 4
+    statement_timeout: float = 2.0
+    db_deadline: float = 4.0
+    query_wait_timeout: int = 2  # PgBouncer's, below DB_DEADLINE
+    retry_after: int = 1
+    graceful_timeout: int = 10
+    margin: float = 2.0
+    client_timeout: float = 30.0
+
+    @property
+    def bound(self) -> float:
+        return self.db_deadline + self.margin
+
+    def service(self) -> dict[str, object]:
+        """The service settings these runs pin (the rest come from the environment)."""
+        return {
+            "workers": self.workers,
+            "pool_min": self.pool_min,
+            "pool_max": self.pool_max,
+            "pool_timeout": self.pool_timeout,
+            "pool_max_waiting": self.pool_max_waiting,
+            "statement_timeout": self.statement_timeout,
+            "db_deadline": self.db_deadline,
+            "retry_after": self.retry_after,
+            "graceful_timeout": self.graceful_timeout,
+            "log_level": "warning",
+        }
+
+
+@dataclass
+class FaultStack(Stack):
+    """The local stack with the replicas' database URL pointing at the proxy."""
+
+    proxy_port: int = 0
+    tuning: Tuning = field(default_factory=Tuning)
+
+    def service_settings(self) -> Settings:
+        url = (
+            f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
+            f"@127.0.0.1:{self.proxy_port}/{APP_DATABASE}"
+        )
+        return Settings(database_url=url, **self.tuning.service())  # type: ignore[arg-type]
+
+    def service_env(self) -> dict[str, str]:
+        """The replicas' environment, with the deployment's numbers for their start-up guard.
+
+        A replica reads PGBOUNCER_QUERY_WAIT_TIMEOUT, REPLICAS, ... from its environment
+        (DeploymentSettings); ours are set here in code, not in the environment.
+        """
+        deployment = {
+            name.upper(): str(getattr(self.settings, name))
+            for name in DeploymentSettings.model_fields
+        }
+        return {**deployment, **super().service_env()}
+
+
+@dataclass
+class Harness:
+    """The running stack, the proxy, and what the faults do to them."""
+
+    stack: FaultStack
+    proxy: TcpProxy
+    tuning: Tuning
+    log: Path
+
+    @property
+    def lb_url(self) -> str:
+        return self.stack.haproxy().url
+
+    @property
+    def direct_url(self) -> str:
+        """The application role straight to PostgreSQL: for audits and lock holders."""
+        return self.stack.direct_url()
+
+    def pgbouncer(self) -> PgBouncer:
+        return self.stack.pgbouncer()
+
+    def replica(self, index: int) -> Replica:
+        return self.stack.replica(index)
+
+    def new_items(self, count: int, label: str) -> list[int]:
+        """Fresh items for one phase, so its visits can be counted on their own."""
+        with psycopg.connect(self.direct_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "INSERT INTO items (name) SELECT %s || ' ' || g FROM generate_series(1, %s) g"
+                " RETURNING id",
+                (f"fault {label}", count),
+            ).fetchall()
+        return [int(row[0]) for row in rows]
+
+    # ---- PgBouncer --------------------------------------------------------------------
+
+    def pgbouncer_pid(self) -> int:
+        pid = procs.read_pid(self.pgbouncer().pid_file)
+        if pid is None or not procs.alive(pid):
+            raise AssertionError("PgBouncer is not running")
+        return pid
+
+    def signal_pgbouncer(self, sig: signal.Signals, timeout: float = 15.0) -> float:
+        """Send `sig` and wait for PgBouncer to exit; return how long it took."""
+        pid = self.pgbouncer_pid()
+        started = time.monotonic()
+        os.kill(pid, sig)
+        if not procs.wait_until(lambda: not procs.alive(pid), timeout, interval=0.02):
+            raise AssertionError(f"PgBouncer did not exit within {timeout}s of {sig.name}")
+        return time.monotonic() - started
+
+    def start_pgbouncer(self) -> None:
+        self.pgbouncer().start()
+
+    # ---- replicas and workers ---------------------------------------------------------
+
+    def replica_pid(self, index: int) -> int:
+        pid = procs.read_pid(self.replica(index).pid_file)
+        if pid is None or not procs.alive(pid):
+            raise AssertionError(f"replica-{index} is not running")
+        return pid
+
+    def worker_pids(self, index: int) -> set[int]:
+        """The uvicorn workers of replica `index`: the gunicorn master's live children."""
+        return children(self.replica_pid(index))
+
+    def metrics_pids(self, index: int) -> set[int]:
+        """Worker pids that have series on the replica's metrics port now."""
+        text = httpx.get(self.replica(index).metrics_url, timeout=5).text
+        pids: set[int] = set()
+        for family in text_string_to_metric_families(text):
+            if family.name == "pgscale_pool_connections":
+                pids.update(int(s.labels["pid"]) for s in family.samples if "pid" in s.labels)
+        return pids
+
+    def lb_states(self) -> dict[str, str]:
+        return self.stack.haproxy().server_states()
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Every replica UP in haproxy: the next fault starts from a healthy stack."""
+        expected = self.tuning.replicas
+
+        def healthy() -> bool:
+            with contextlib.suppress(OSError):
+                states = self.lb_states()
+                return sum(1 for s in states.values() if s == "UP") == expected
+            return False
+
+        if not procs.wait_until(healthy, timeout, interval=0.2):
+            raise AssertionError(f"haproxy does not see every replica UP: {self.lb_states()}")
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of `pid`, from /proc (never by name)."""
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+@contextlib.contextmanager
+def fault_stack(tuning: Tuning | None = None, root: Path | None = None) -> Iterator[Harness]:
+    """Start the private stack behind the proxy; stop all of it on exit."""
+    tuning = tuning or Tuning()
+    scratch = root or Path(tempfile.mkdtemp(prefix="pgscale-faults-"))
+    scratch.chmod(0o755)  # PostgreSQL's user must be able to enter it
+    ports = procs.free_port_block(7 + 2 * MOST_REPLICAS)
+    settings = StackSettings(
+        stack_dir=scratch / "stack",
+        replicas=tuning.replicas,
+        seed_items=SEED_ITEMS,
+        lb_port=ports,
+        pgbouncer_port=ports + 1,
+        postgres_port=ports + 2,
+        prometheus_port=ports + 3,
+        pgbouncer_exporter_port=ports + 4,
+        postgres_exporter_port=ports + 5,
+        replica_base_port=ports + 7,
+        metrics_base_port=ports + 7 + MOST_REPLICAS,
+        pgbouncer_query_wait_timeout=tuning.query_wait_timeout,
+    )
+    stack = FaultStack(settings, proxy_port=ports + 6, tuning=tuning)
+    proxy = TcpProxy(ports + 6, settings.pgbouncer_port)
+    log = scratch / "stack.log"
+    try:
+        proxy.start()
+        with (
+            log.open("a") as out,
+            contextlib.redirect_stdout(out),
+            _environ(
+                # The migration sets the role's statement_timeout (which bounds reads) from
+                # the environment: the same value the replicas use for writes.
+                STATEMENT_TIMEOUT=str(tuning.statement_timeout)
+            ),
+        ):
+            stack.up()
+        yield Harness(stack, proxy, tuning, log)
+    finally:
+        try:
+            with log.open("a") as out, contextlib.redirect_stdout(out):
+                stack.down()
+        finally:
+            proxy.stop()
+            if root is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
