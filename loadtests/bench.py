@@ -280,8 +280,8 @@ def profile(replica: Replica, script: Path, connections: int, duration: int, out
         total += n
         frames = stack.split(";")
         own[frames[-1]] += n
-        for frame in set(frames):
-            inclusive[_module(frame)] += n
+        for module in {_module(frame) for frame in frames}:
+            inclusive[module] += n
     lines = [f"{total} samples of one worker under GET /items/{{id}} load", "", "Self time:"]
     lines += [f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(12)]
     lines += ["", "Inclusive time by package:"]
@@ -290,9 +290,11 @@ def profile(replica: Replica, script: Path, connections: int, duration: int, out
 
 
 def _module(frame: str) -> str:
-    """`func (psycopg/cursor.py:12)` -> `psycopg`."""
-    inside = frame.rpartition("(")[2]
-    return inside.split("/")[0].split(".py")[0] or frame
+    """`func (psycopg/cursor.py:12)` -> `psycopg`; the interpreter's own frames -> `python`."""
+    inside = frame.rpartition("(")[2].rstrip(")")
+    if inside.startswith("<frozen") or "/" not in inside:
+        return "python"
+    return inside.split("/")[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,9 +132,10 @@ def start_service(scratch: Path, databases: Databases) -> Iterator[StartService]
             "PGBOUNCER_QUERY_WAIT_TIMEOUT": "2",
         }
         env.update({key.upper(): str(value) for key, value in settings.items()})
-        replica = Replica(
-            scratch / "replicas", next(counter), procs.free_port(), procs.free_port(), env
-        )
+        # Two ports from below the ephemeral range: never the same one twice, and no
+        # client socket can take them between choosing and binding.
+        port = procs.free_port_block(2)
+        replica = Replica(scratch / "replicas", next(counter), port, port + 1, env)
         started.append(replica)
         replica.start()
         replica.wait_ready()

@@ -44,16 +44,19 @@ def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: P
 
 
 def test_direct_cell_over_budget_fails_as_predicted(scratch: Path) -> None:
-    """2 x 2 x 4 = 16 connections straight to a PostgreSQL with max_connections 12."""
+    """3 replicas x 1 worker x 4 = 12 connections straight to a PostgreSQL with 6 to spare.
+
+    One replica (4) fits, so each starts; together they overflow under load.
+    """
     out = scratch / "sweep-direct"
     summary = sweep(
         out,
         "--modes",
         "direct",
         "--workers",
-        "2",
+        "1",
         "--replicas",
-        "2",
+        "3",
         "--direct-max-connections",
         "12",
     )

@@ -151,11 +151,14 @@ class Stack:
             for name, value in self.service_settings().model_dump(mode="json").items()
             if name not in per_replica
         }
+        # REPLICAS stays out: scaling must not restart the replicas that stay (their
+        # guard reads the declared count from the environment `make up` runs in).
         deployment = {
             name.upper(): str(getattr(self.settings, name)).lower()
             if isinstance(getattr(self.settings, name), bool)
             else str(getattr(self.settings, name))
             for name in DeploymentSettings.model_fields
+            if name != "replicas"
         }
         return {**deployment, **service}
 
