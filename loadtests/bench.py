@@ -46,6 +46,7 @@ from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
+from service import sql
 
 REPORTS = REPO / "reports" / "bench"
 SEED_ITEMS = 1000
@@ -94,10 +95,21 @@ end
 """,
 }
 
-PGBENCH_SQL = (
-    f"\\set id random(1, {SEED_ITEMS})\n"
-    "SELECT id, name, description, visits, created_at, updated_at FROM items WHERE id = :id;\n"
-)
+# The database side of each endpoint, as pgbench runs it through the same PgBouncer.
+# The service's own statements, with pgbench's :id for the parameter.
+PICK_ID = f"\\set id random(1, {SEED_ITEMS})\n"
+PGBENCH_SCRIPTS = {
+    "pgbench SELECT by id": PICK_ID + " ".join(sql.GET_ITEM.split()).replace("%s", ":id") + ";\n",
+    "pgbench visit write": PICK_ID
+    + "BEGIN;\nSET LOCAL statement_timeout = '5000ms';\n"
+    + " ".join(sql.RECORD_VISIT.split()).replace("%s", ":id")
+    + ";\nCOMMIT;\n",
+}
+CEILING_OF = {
+    "GET /items/{id}": "pgbench SELECT by id",
+    "GET /items?limit=20": "pgbench SELECT by id",
+    "POST /visits": "pgbench visit write",
+}
 
 
 @dataclass
@@ -173,9 +185,10 @@ def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict[str
 
 
 def run_pgbench(
-    bouncer: PgBouncer, password: str, script: Path, duration: int, log_dir: Path
+    bouncer: PgBouncer, password: str, name: str, script: Path, duration: int, log_dir: Path
 ) -> Result:
-    """The same SELECT through the same PgBouncer: what the database path can carry."""
+    """An endpoint's SQL run by pgbench through the same PgBouncer: what the database
+    path can carry, with as many connections as the pooled replica holds."""
     for old in log_dir.glob("pgbench_log*"):
         old.unlink()
     clients = WORKERS * POOL
@@ -222,7 +235,7 @@ def run_pgbench(
     latencies.sort()
     return Result(
         config="database ceiling",
-        endpoint="pgbench SELECT by id",
+        endpoint=name,
         rps=tps,
         p50_ms=latencies[len(latencies) // 2] / 1000,
         p99_ms=latencies[int(len(latencies) * 0.99)] / 1000,
@@ -333,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         path.write_text(body + DONE)
         scripts[name] = path
-    sql_script = scratch / "select.sql"
-    sql_script.write_text(PGBENCH_SQL)
+    sql_scripts = {}
+    for index, (name, text) in enumerate(PGBENCH_SCRIPTS.items()):
+        sql_scripts[name] = scratch / f"pgbench-{index}.sql"
+        sql_scripts[name].write_text(text)
 
     common = {
         "WORKERS": str(WORKERS),
@@ -412,9 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                         f" {result.rps:8.0f} req/s  p50 {result.p50_ms:6.1f} ms"
                         f"  p99 {result.p99_ms:6.1f} ms  non-2xx {result.non2xx}"
                     )
-            pgb = run_pgbench(bouncer, password, sql_script, args.duration, scratch)
-            raw[(pgb.config, pgb.endpoint)].append(pgb)
-            say(f"round {round_}: {pgb.endpoint:<20} {pgb.config:<26} {pgb.rps:8.0f} tx/s")
+            for name, script in sql_scripts.items():
+                pgb = run_pgbench(bouncer, password, name, script, args.duration, scratch)
+                raw[(pgb.config, pgb.endpoint)].append(pgb)
+                say(f"round {round_}: {pgb.endpoint:<20} {pgb.config:<26} {pgb.rps:8.0f} tx/s")
         results = [median_of(runs) for runs in raw.values()]
         if args.profile:
             pooled = configs[0].replica
@@ -482,10 +498,10 @@ def build_report(
 ) -> dict[str, Any]:
     by = {(r.config, r.endpoint): r for r in results}
     framework = by.get(("framework ceiling", "GET /healthz"))
-    database = by.get(("database ceiling", "pgbench SELECT by id"))
     rows = []
     for r in results:
         naive = by.get(("per-request connection", r.endpoint))
+        database = by.get(("database ceiling", CEILING_OF.get(r.endpoint, r.endpoint)))
         rows.append(
             {
                 **r.__dict__,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter as Counter_
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -158,13 +159,49 @@ def record_pool_stats(pool: AsyncConnectionPool[Any]) -> None:
 
 
 async def publish_pool_stats(pool: AsyncConnectionPool[Any], interval: float) -> None:
-    """Record the pool's statistics every `interval` seconds until cancelled."""
-    while True:
-        try:
-            record_pool_stats(pool)
-        except Exception:  # a metrics hiccup must never take the worker down
-            logger.exception("could not record pool statistics")
-        await asyncio.sleep(interval)
+    """Record the pool's statistics and the HTTP tally every `interval` s until cancelled."""
+    try:
+        while True:
+            try:
+                record_pool_stats(pool)
+                TALLY.flush()
+            except Exception:  # a metrics hiccup must never take the worker down
+                logger.exception("could not record pool statistics")
+            await asyncio.sleep(interval)
+    finally:
+        TALLY.flush()  # shutting down: what was counted since the last flush still counts
+
+
+class HTTPTally:
+    """This worker's request counts and in-flight number, kept in plain Python.
+
+    Each multiprocess metric update is a locked write into a shared file; doing three
+    of them per request cost about 15% of GET /items/{id}'s throughput. So the
+    middleware only bumps a dict entry and an int, and `flush` (run by the periodic
+    task, in the same event loop) writes the totals. Counts reach Prometheus at most
+    POOL_STATS_INTERVAL late; the latency histogram is still observed per request.
+    """
+
+    def __init__(self) -> None:
+        self.requests: Counter_[tuple[str, str, str]] = Counter_()
+        self.in_flight = 0
+        self._durations: dict[tuple[str, str], Histogram] = {}
+
+    def duration(self, route: str, method: str) -> Histogram:
+        """The histogram child for a route, looked up once."""
+        child = self._durations.get((route, method))
+        if child is None:
+            child = self._durations[(route, method)] = HTTP_DURATION.labels(route, method)
+        return child
+
+    def flush(self) -> None:
+        pending, self.requests = self.requests, Counter_()
+        for (route, method, status), count in pending.items():
+            HTTP_REQUESTS.labels(route, method, status).inc(count)
+        HTTP_IN_FLIGHT.set(self.in_flight)
+
+
+TALLY = HTTPTally()
 
 
 class HTTPMetrics:
@@ -186,13 +223,13 @@ class HTTPMetrics:
                 status = message["status"]
             await send(message)
 
-        HTTP_IN_FLIGHT.inc()
+        TALLY.in_flight += 1
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            HTTP_IN_FLIGHT.dec()
+            TALLY.in_flight -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
             method = scope["method"]
-            HTTP_REQUESTS.labels(template, method, str(status)).inc()
-            HTTP_DURATION.labels(template, method).observe(time.perf_counter() - started)
+            TALLY.requests[(template, method, str(status))] += 1
+            TALLY.duration(template, method).observe(time.perf_counter() - started)
