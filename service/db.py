@@ -8,6 +8,7 @@ one autocommit statement (one round trip), writes run in an explicit transaction
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
@@ -252,6 +254,35 @@ class Database:
         ):
             await conn.execute(self._set_statement_timeout)
             return await work(conn)
+
+    async def write_one(self, statement: sql.Composable) -> DictRow | None:
+        """One write statement in its own transaction, in a single round trip.
+
+        BEGIN, SET LOCAL statement_timeout, the statement and COMMIT travel as one
+        simple-protocol query: PostgreSQL runs them in order and stops at the first
+        error, leaving nothing committed. The statement must carry its values as
+        `sql.Literal`s (the simple protocol has no parameters). Use `transaction` when
+        the code must decide something before COMMIT.
+        """
+        query = sql.SQL("BEGIN; {}; {}; COMMIT").format(self._set_statement_timeout, statement)
+        return await self._within_deadline(self._write_one(query))
+
+    async def _write_one(self, query: sql.Composed) -> DictRow | None:
+        async with self._connection(must_check=True) as conn:
+            cur = conn.cursor()
+            try:
+                await cur.execute(query)
+            except psycopg.Error:
+                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("ROLLBACK")  # the failed BEGIN block
+                raise
+            row: DictRow | None = None
+            while True:  # results: BEGIN, SET, the statement, COMMIT
+                if cur.pgresult is not None and cur.pgresult.status == ExecStatus.TUPLES_OK:
+                    row = await cur.fetchone()
+                if not cur.nextset():
+                    return row
 
     async def ping(self, within: float) -> None:
         """`SELECT 1` within `within` seconds, connection checkout included."""

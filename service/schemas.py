@@ -89,6 +89,14 @@ class Visit(BaseModel):
     created_at: datetime
 
 
+class VisitRow(TypedDict):
+    """A visit as the database returns it, serialized without building a model."""
+
+    id: int
+    item_id: int
+    created_at: datetime
+
+
 class VisitCount(BaseModel):
     count: int
 

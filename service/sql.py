@@ -5,6 +5,8 @@ Plain parameterised statements: no session state, nothing prepared on the server
 
 from typing import LiteralString
 
+from psycopg import sql
+
 GET_ITEM: LiteralString = """
     SELECT id, name, description, visits, created_at, updated_at
     FROM items WHERE id = %s
@@ -35,3 +37,8 @@ RECORD_VISIT: LiteralString = """
 """
 COUNT_VISITS: LiteralString = "SELECT count(*) AS count FROM visits"
 COUNT_ITEM_VISITS: LiteralString = "SELECT count(*) AS count FROM visits WHERE item_id = %s"
+
+
+def record_visit(item_id: int) -> sql.Composed:
+    """RECORD_VISIT with its value inlined as a literal, for a one-round-trip write."""
+    return sql.SQL(RECORD_VISIT.replace("%s", "{}")).format(sql.Literal(item_id))

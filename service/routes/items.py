@@ -10,6 +10,7 @@ from service.db import Connection
 from service.deps import DatabaseDep, SettingsDep
 from service.errors import NotFound
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
+from service.responses import JSONBytes
 from service.schemas import (
     BIGINT_MAX,
     Item,
@@ -29,12 +30,6 @@ router = APIRouter(
 # not validate the answer again (response_model still documents it in OpenAPI).
 ITEM_JSON = TypeAdapter(ItemRow)
 PAGE_JSON = TypeAdapter(ItemPageRows)
-
-
-class JSONBytes(Response):
-    """JSON the route has already serialized."""
-
-    media_type = "application/json"
 
 
 ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id.")]
