@@ -11,12 +11,10 @@ to the baseline. Each stage lasts LOADTEST_STAGE_SECONDS (default 30 s).
 
 from __future__ import annotations
 
-import random
+from locust import run_single_user
 
-from locust import FastHttpUser, constant, run_single_user, task
-
-from loadtests.common.scenario import DEFAULT_HOST, SEED_ITEMS, expect
 from loadtests.common.shapes import POOL_CAPACITY, Stage, StagedShape, of_capacity
+from loadtests.common.users import BackToBack
 
 SPIKE_RATE = max(10, 10 * POOL_CAPACITY)  # all the spike's users within a fraction of a second
 
@@ -32,25 +30,8 @@ class Spike(StagedShape):
     )
 
 
-class Client(FastHttpUser):
-    """Back-to-back requests, reads and writes: about one request in flight per user."""
-
-    host = DEFAULT_HOST
-    wait_time = constant(0)
-
-    @task(3)
-    def read_item(self) -> None:
-        item_id = random.randint(1, SEED_ITEMS)
-        with self.client.get(f"/items/{item_id}", name="/items/[id]", catch_response=True) as resp:
-            expect(resp, 200)
-
-    @task(1)
-    def visit(self) -> None:
-        item_id = random.randint(1, SEED_ITEMS)
-        with self.client.post(
-            "/visits", json={"item_id": item_id}, name="/visits", catch_response=True
-        ) as resp:
-            expect(resp, 201)
+class Client(BackToBack):
+    """Back-to-back reads and writes (loadtests/common/users.py): one request in flight each."""
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ the recovery. Each stage lasts LOADTEST_STAGE_SECONDS (default 30 s).
 
 from __future__ import annotations
 
-import random
+from locust import run_single_user
 
-from locust import FastHttpUser, constant, run_single_user, task
-
-from loadtests.common.scenario import DEFAULT_HOST, SEED_ITEMS, expect
 from loadtests.common.shapes import POOL_CAPACITY, Stage, StagedShape, of_capacity
+from loadtests.common.users import BackToBack
 
 RATE = max(1, POOL_CAPACITY)  # users started (or stopped) a second between stages
 
@@ -36,25 +34,8 @@ class Steps(StagedShape):
     )
 
 
-class Client(FastHttpUser):
-    """Back-to-back requests, mostly reads: one user keeps about one request in flight."""
-
-    host = DEFAULT_HOST
-    wait_time = constant(0)
-
-    @task(3)
-    def read_item(self) -> None:
-        item_id = random.randint(1, SEED_ITEMS)
-        with self.client.get(f"/items/{item_id}", name="/items/[id]", catch_response=True) as resp:
-            expect(resp, 200)
-
-    @task(1)
-    def visit(self) -> None:
-        item_id = random.randint(1, SEED_ITEMS)
-        with self.client.post(
-            "/visits", json={"item_id": item_id}, name="/visits", catch_response=True
-        ) as resp:
-            expect(resp, 201)
+class Client(BackToBack):
+    """Back-to-back reads and writes (loadtests/common/users.py): one request in flight each."""
 
 
 if __name__ == "__main__":

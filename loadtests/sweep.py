@@ -21,12 +21,12 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +35,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
-from infra.localstack.config import REPO, StackSettings
+from infra.localstack.config import REPO, StackSettings, private_settings
 from infra.localstack.stack import Stack
 from service.budget import Budget, check, deployment_topology
 from service.settings import Settings
@@ -308,29 +308,6 @@ def run_cell(
 # ---- the whole sweep ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def private_stack(root: Path) -> Iterator[StackSettings]:
-    """Stack settings on free ports in `root`, so a running `make up` is left alone.
-
-    Ports come from below the ephemeral range, where Locust's many client sockets
-    cannot take them between cells.
-    """
-    most = 16  # replicas a cell may have
-    ports = procs.free_port_block(6 + 2 * most)
-    yield StackSettings(
-        stack_dir=root,
-        seed_items=SEED_ITEMS,
-        lb_port=ports,
-        pgbouncer_port=ports + 1,
-        postgres_port=ports + 2,
-        prometheus_port=ports + 3,
-        pgbouncer_exporter_port=ports + 4,
-        postgres_exporter_port=ports + 5,
-        replica_base_port=ports + 6,
-        metrics_base_port=ports + 6 + most,
-    )
-
-
 def sweep(plan: Plan, out: Path) -> list[Cell]:
     cells: list[Cell] = []
     total = len(plan.cells())
@@ -339,46 +316,46 @@ def sweep(plan: Plan, out: Path) -> list[Cell]:
     scratch.chmod(0o755)
     saved_env = dict(os.environ)
     try:
-        with private_stack(scratch / "stack") as base:
-            for mode in plan.modes:
-                # Direct mode runs PostgreSQL with a small max_connections: restart it.
-                settings = base.model_copy(
-                    update={
-                        "postgres_max_connections": plan.direct_max_connections
-                        if mode == "direct"
-                        else base.postgres_max_connections,
-                        # A small server pool: PostgreSQL's side stays flat once
-                        # clients outnumber it, whatever the grid adds.
-                        "pgbouncer_default_pool_size": plan.pgbouncer_pool_size,
-                        "pgbouncer_reserve_pool_size": 0,
-                    }
-                )
-                try:
-                    for workers in plan.workers:
-                        for replicas in plan.replicas:
-                            n = len(cells) + 1
-                            say(
-                                f"[{n}/{total}] {mode:<9} W={workers} R={replicas}"
-                                f" ({time.monotonic() - started:.0f}s elapsed) ..."
-                            )
-                            cell = run_cell(settings, mode, workers, replicas, plan, out)
-                            cells.append(cell)
-                            mark = "ok " if cell.as_predicted else "OFF"
-                            say(
-                                f"      {mark} predicted {cell.predicted_clients:>3}"
-                                f" measured {cell.measured_clients:>3}"
-                                f" | PgBouncer servers {cell.pgbouncer_servers:>2}"
-                                f" | PostgreSQL backends {cell.postgres_backends:>3}"
-                                f" | {cell.requests_per_s:>6.1f} req/s p99 {cell.p99_ms:.0f} ms"
-                                f" | failures {cell.failures} shed {cell.shed_503}"
-                            )
-                finally:
-                    with (out / "stack.log").open("a") as log, contextlib.redirect_stdout(log):
-                        Stack(settings).down()
+        base, _ = private_settings(scratch / "stack", seed_items=SEED_ITEMS)
+        for mode in plan.modes:
+            # Direct mode runs PostgreSQL with a small max_connections: restart it.
+            settings = base.model_copy(
+                update={
+                    "postgres_max_connections": plan.direct_max_connections
+                    if mode == "direct"
+                    else base.postgres_max_connections,
+                    # A small server pool: PostgreSQL's side stays flat once
+                    # clients outnumber it, whatever the grid adds.
+                    "pgbouncer_default_pool_size": plan.pgbouncer_pool_size,
+                    "pgbouncer_reserve_pool_size": 0,
+                }
+            )
+            try:
+                for workers in plan.workers:
+                    for replicas in plan.replicas:
+                        n = len(cells) + 1
+                        say(
+                            f"[{n}/{total}] {mode:<9} W={workers} R={replicas}"
+                            f" ({time.monotonic() - started:.0f}s elapsed) ..."
+                        )
+                        cell = run_cell(settings, mode, workers, replicas, plan, out)
+                        cells.append(cell)
+                        mark = "ok " if cell.as_predicted else "OFF"
+                        say(
+                            f"      {mark} predicted {cell.predicted_clients:>3}"
+                            f" measured {cell.measured_clients:>3}"
+                            f" | PgBouncer servers {cell.pgbouncer_servers:>2}"
+                            f" | PostgreSQL backends {cell.postgres_backends:>3}"
+                            f" | {cell.requests_per_s:>6.1f} req/s p99 {cell.p99_ms:.0f} ms"
+                            f" | failures {cell.failures} shed {cell.shed_503}"
+                        )
+            finally:
+                with (out / "stack.log").open("a") as log, contextlib.redirect_stdout(log):
+                    Stack(settings).down()
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
-        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
     return cells
 
 

@@ -168,3 +168,9 @@ def stopped(bouncer: PgBouncer) -> Iterator[None]:
         yield
     finally:
         bouncer.start()
+
+
+def make_items(base_url: str, count: int) -> list[int]:
+    """Items of the test's own: schemathesis deletes and renames seeded ones."""
+    with httpx.Client(base_url=base_url, timeout=15) as http:
+        return [http.post("/items", json={"name": f"own-{i}"}).json()["id"] for i in range(count)]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from infra.localstack import procs
-from tests.conftest import Databases, StartService
+from tests.conftest import Databases, StartService, make_items
 
 
 def test_two_workers_each_open_their_own_pool(
@@ -27,9 +27,10 @@ def test_two_workers_each_open_their_own_pool(
 
     # Each worker names its pool after the replica and its pid.
     assert procs.wait_until(lambda: sorted(pool_clients().values()) == [3, 3], 10), pool_clients()
+    ids = make_items(replica.url, 100)
     with httpx.Client(base_url=replica.url, timeout=10) as http, ThreadPoolExecutor(16) as pool:
         statuses = list(
-            pool.map(lambda i: http.get(f"/items/{i % 100 + 1}").status_code, range(400))
+            pool.map(lambda i: http.get(f"/items/{ids[i % 100]}").status_code, range(400))
         )
     assert statuses == [200] * 400
 
@@ -72,7 +73,8 @@ def test_a_declared_replica_count_that_overflows_is_a_warning(
     start_service: StartService,
 ) -> None:
     replica = start_service(workers=1, pool_min=1, pool_max=100, replicas=20)
-    assert httpx.get(f"{replica.url}/items/1").status_code == 200
+    (item,) = make_items(replica.url, 1)
+    assert httpx.get(f"{replica.url}/items/{item}").status_code == 200
     log = replica.log.read_text()
     assert "connection budget:" in log
     assert "at most 9 replicas of this shape fit" in log
@@ -116,5 +118,6 @@ def test_the_service_logs_which_prepared_statement_mode_it_chose(
         database_url=databases.direct_url,
     )
     with httpx.Client(base_url=direct.url) as http:
-        assert [http.get("/items/1").status_code for _ in range(20)] == [200] * 20
+        (item,) = make_items(direct.url, 1)
+        assert [http.get(f"/items/{item}").status_code for _ in range(20)] == [200] * 20
     assert "prepared statements on after 5 runs (direct to PostgreSQL)" in direct.log.read_text()

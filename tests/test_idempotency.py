@@ -48,8 +48,10 @@ def test_a_retried_item_is_created_once(client: httpx.Client, databases: Databas
 
 def test_the_same_key_for_another_request_is_refused(client: httpx.Client) -> None:
     headers = {"Idempotency-Key": key()}
-    assert client.post("/visits", json={"item_id": 1}, headers=headers).status_code == 201
-    other_body = client.post("/visits", json={"item_id": 2}, headers=headers)
+    one = client.post("/items", json={"name": "first"}).json()["id"]
+    two = client.post("/items", json={"name": "second"}).json()["id"]
+    assert client.post("/visits", json={"item_id": one}, headers=headers).status_code == 201
+    other_body = client.post("/visits", json={"item_id": two}, headers=headers)
     assert other_body.status_code == 422
     assert other_body.json()["errors"][0]["field"] == "header.Idempotency-Key"
     other_route = client.post("/items", json={"name": "x"}, headers=headers)

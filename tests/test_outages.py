@@ -11,7 +11,7 @@ import pytest
 from infra.localstack import procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
-from tests.conftest import APP, Databases, StartService, stopped
+from tests.conftest import APP, Databases, StartService, make_items, stopped
 
 POOL_TIMEOUT = 1.0
 
@@ -58,8 +58,9 @@ def test_readiness_follows_pgbouncer(replica: Replica, own_bouncer: PgBouncer) -
         assert elapsed < POOL_TIMEOUT + 1.0
     assert procs.wait_until(lambda: status(f"{replica.url}/readyz") == 200, 20)
     # Connections that died with PgBouncer are replaced at checkout: no user sees them.
+    ids = make_items(replica.url, 40)
     with httpx.Client(base_url=replica.url, timeout=10) as http:
-        statuses = [http.get(f"/items/{i}").status_code for i in range(1, 41)]
+        statuses = [http.get(f"/items/{i}").status_code for i in ids]
     assert statuses == [200] * 40
 
 
@@ -67,18 +68,19 @@ def test_idle_connections_killed_behind_our_back_are_replaced(
     replica: Replica, own_bouncer: PgBouncer
 ) -> None:
     """PgBouncer restarted between two requests: the pool's checks hide it entirely."""
+    ids = make_items(replica.url, 20)
     with httpx.Client(base_url=replica.url, timeout=10) as http:
-        assert http.get("/items/1").status_code == 200
+        assert http.get(f"/items/{ids[0]}").status_code == 200
         own_bouncer.stop()
         own_bouncer.start()
         started = time.monotonic()
-        first = http.get("/items/1")
+        first = http.get(f"/items/{ids[0]}")
         elapsed = time.monotonic() - started
-        responses = [http.get(f"/items/{i}") for i in range(1, 21)]
+        responses = [http.get(f"/items/{i}") for i in ids]
         # A write is never sent on an untested connection, so it survives a restart too.
         own_bouncer.stop()
         own_bouncer.start()
-        write = http.post("/visits", json={"item_id": 1})
+        write = http.post("/visits", json={"item_id": ids[0]})
     assert first.status_code == 200, first.text
     assert write.status_code == 201, write.text
     assert elapsed < POOL_TIMEOUT, "dead connections are swept at once, not tried one by one"

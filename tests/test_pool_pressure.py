@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from infra.localstack.replicas import Replica
-from tests.conftest import Databases, StartService
+from tests.conftest import Databases, StartService, make_items
 
 POOL_TIMEOUT = 0.5
 DEADLINE = 3.0
@@ -64,12 +64,13 @@ def timed_get(http: httpx.Client, url: str) -> tuple[int, float, httpx.Response]
 def test_saturated_pool_answers_503_within_the_wait_then_recovers(
     tight: Replica, databases: Databases
 ) -> None:
+    (item,) = make_items(tight.url, 1)
     with httpx.Client(base_url=tight.url, timeout=30) as http:
         with (
             locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=1.5),
             ThreadPoolExecutor(max_workers=8) as pool,
         ):
-            results = list(pool.map(lambda _: timed_get(http, "/items/1"), range(8)))
+            results = list(pool.map(lambda _: timed_get(http, f"/items/{item}"), range(8)))
 
         ok = [r for r in results if r[0] == 200]
         refused = [r for r in results if r[0] == 503]
@@ -90,7 +91,7 @@ def test_saturated_pool_answers_503_within_the_wait_then_recovers(
             "no database connection available in time"
         }
 
-        statuses = [http.get(f"/items/{i}").status_code for i in range(1, 21)]
+        statuses = [http.get(f"/items/{i}").status_code for i in make_items(tight.url, 20)]
         assert statuses == [200] * 20
 
 
@@ -128,4 +129,5 @@ def test_deadline_bounds_a_read_stuck_behind_a_lock(tight: Replica, databases: D
         assert resp.json()["detail"] == "the database did not answer in time"
         assert DEADLINE * 0.9 <= elapsed < DEADLINE + 1.0
     with httpx.Client(base_url=tight.url, timeout=30) as http:
-        assert [http.get("/items/1").status_code for _ in range(5)] == [200] * 5
+        (item,) = make_items(tight.url, 1)
+        assert [http.get(f"/items/{item}").status_code for _ in range(5)] == [200] * 5

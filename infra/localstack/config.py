@@ -7,10 +7,12 @@ service/settings.py; the stack passes them through to every replica.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from infra.localstack import procs
 from service.settings import DeploymentSettings
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -52,3 +54,29 @@ class StackSettings(DeploymentSettings):
     def metrics_port(self, index: int) -> int:
         """The metrics port of replica `index` (1-based)."""
         return self.metrics_base_port + index - 1
+
+
+def private_settings(
+    root: Path, *, most_replicas: int = 16, spare: int = 0, **overrides: Any
+) -> tuple[StackSettings, list[int]]:
+    """Settings for a throwaway stack in `root` on free ports, and `spare` ports more.
+
+    The sweep, the fault suite and the tests run stacks beside a running `make up`.
+    All ports come from one block below the ephemeral range, where a load generator's
+    client sockets cannot take them between choosing and binding.
+    """
+    fixed = 6
+    base = procs.free_port_block(fixed + spare + 2 * most_replicas)
+    settings = StackSettings(
+        stack_dir=root,
+        lb_port=base,
+        pgbouncer_port=base + 1,
+        postgres_port=base + 2,
+        prometheus_port=base + 3,
+        pgbouncer_exporter_port=base + 4,
+        postgres_exporter_port=base + 5,
+        replica_base_port=base + fixed + spare,
+        metrics_base_port=base + fixed + spare + most_replicas,
+        **overrides,
+    )
+    return settings, [base + fixed + i for i in range(spare)]

@@ -24,7 +24,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
-from infra.localstack.config import StackSettings
+from infra.localstack.config import private_settings
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
@@ -217,23 +217,16 @@ def fault_stack(tuning: Tuning | None = None, root: Path | None = None) -> Itera
     tuning = tuning or Tuning()
     scratch = root or Path(tempfile.mkdtemp(prefix="pgscale-faults-"))
     scratch.chmod(0o755)  # PostgreSQL's user must be able to enter it
-    ports = procs.free_port_block(7 + 2 * MOST_REPLICAS)
-    settings = StackSettings(
-        stack_dir=scratch / "stack",
+    settings, (proxy_port,) = private_settings(
+        scratch / "stack",
+        most_replicas=MOST_REPLICAS,
+        spare=1,
         replicas=tuning.replicas,
         seed_items=SEED_ITEMS,
-        lb_port=ports,
-        pgbouncer_port=ports + 1,
-        postgres_port=ports + 2,
-        prometheus_port=ports + 3,
-        pgbouncer_exporter_port=ports + 4,
-        postgres_exporter_port=ports + 5,
-        replica_base_port=ports + 7,
-        metrics_base_port=ports + 7 + MOST_REPLICAS,
         pgbouncer_query_wait_timeout=tuning.query_wait_timeout,
     )
-    stack = FaultStack(settings, proxy_port=ports + 6, tuning=tuning)
-    proxy = TcpProxy(ports + 6, settings.pgbouncer_port)
+    stack = FaultStack(settings, proxy_port=proxy_port, tuning=tuning)
+    proxy = TcpProxy(proxy_port, settings.pgbouncer_port)
     log = scratch / "stack.log"
     try:
         proxy.start()
