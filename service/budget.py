@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal
@@ -359,6 +360,33 @@ def guard(topology: Topology, log: logging.Logger = logger) -> Budget:
             budget.max_safe_replicas,
         )
     return budget
+
+
+def environment_topology(env: Mapping[str, str], *, replicas: int, instances: int = 1) -> Topology:
+    """The topology a replica with environment `env` belongs to (compose, k8s checks).
+
+    The variable names are the service's and DeploymentSettings' own: WORKERS,
+    POOL_MIN, POOL_MAX, PGBOUNCER_*, POSTGRES_*. A missing one is a KeyError naming it.
+    """
+    return Topology(
+        app=AppShape(
+            replicas=replicas,
+            workers=int(env["WORKERS"]),
+            pool_min=int(env["POOL_MIN"]),
+            pool_max=int(env["POOL_MAX"]),
+        ),
+        postgres=PostgresLimits(
+            max_connections=int(env["POSTGRES_MAX_CONNECTIONS"]),
+            superuser_reserved=int(env["POSTGRES_SUPERUSER_RESERVED"]),
+        ),
+        bouncer=BouncerLimits(
+            max_client_conn=int(env["PGBOUNCER_MAX_CLIENT_CONN"]),
+            default_pool_size=int(env["PGBOUNCER_DEFAULT_POOL_SIZE"]),
+            reserve_pool_size=int(env["PGBOUNCER_RESERVE_POOL_SIZE"]),
+            max_db_connections=int(env["PGBOUNCER_MAX_DB_CONNECTIONS"]),
+            instances=instances,
+        ),
+    )
 
 
 def deployment_topology(

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from service.budget import AppShape, BouncerLimits, PostgresLimits, Topology, check
+from service.budget import Topology, check, environment_topology
 from service.budget import render as render_budget
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -115,25 +115,7 @@ def topology(model: Mapping[str, Any]) -> Topology:
     """The deployment's shape: the most replicas it may run, as every replica sees it."""
     api = environment(model, "api")
     bouncers = int(model["services"]["pgbouncer"].get("deploy", {}).get("replicas", 1))
-    return Topology(
-        app=AppShape(
-            replicas=int(api["REPLICAS"]),
-            workers=int(api["WORKERS"]),
-            pool_min=int(api["POOL_MIN"]),
-            pool_max=int(api["POOL_MAX"]),
-        ),
-        postgres=PostgresLimits(
-            max_connections=int(api["POSTGRES_MAX_CONNECTIONS"]),
-            superuser_reserved=int(api["POSTGRES_SUPERUSER_RESERVED"]),
-        ),
-        bouncer=BouncerLimits(
-            max_client_conn=int(api["PGBOUNCER_MAX_CLIENT_CONN"]),
-            default_pool_size=int(api["PGBOUNCER_DEFAULT_POOL_SIZE"]),
-            reserve_pool_size=int(api["PGBOUNCER_RESERVE_POOL_SIZE"]),
-            max_db_connections=int(api["PGBOUNCER_MAX_DB_CONNECTIONS"]),
-            instances=bouncers,
-        ),
-    )
+    return environment_topology(api, replicas=int(api["REPLICAS"]), instances=bouncers)
 
 
 def pool_mode_problems(ini: str, where: str) -> list[str]:

@@ -28,7 +28,7 @@ import shutil
 import string
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from service.budget import (
     PostgresLimits,
     Topology,
     check,
+    environment_topology,
     max_safe_replicas,
 )
 from service.budget import render as render_budget
@@ -185,13 +186,7 @@ class Shape:
         return self.api_max_replicas + self.api_surge
 
     def topology(self, instances: int) -> Topology:
-        limits = BouncerLimits(
-            max_client_conn=self.bouncer.max_client_conn,
-            default_pool_size=self.bouncer.default_pool_size,
-            reserve_pool_size=self.bouncer.reserve_pool_size,
-            max_db_connections=self.bouncer.max_db_connections,
-            instances=max(1, instances),
-        )
+        limits = replace(self.bouncer, instances=max(1, instances))
         app = AppShape(self.api_peak, self.workers, self.pool_min, self.pool_max)
         return Topology(app=app, postgres=self.postgres, bouncer=limits)
 
@@ -217,25 +212,19 @@ def shape(docs: list[Manifest]) -> Shape:
     pod = bouncer["spec"]["template"]["spec"]
     grace = int(pod.get("terminationGracePeriodSeconds", 30))
     one_at_a_time = int(bouncer["spec"].get("minReadySeconds", 0)) >= grace
+    seen = environment_topology(env, replicas=max_replicas)
+    assert seen.bouncer is not None  # environment_topology always has one
     return Shape(
         api_max_replicas=max_replicas,
         api_surge=api_surge,
-        workers=int(env["WORKERS"]),
-        pool_min=int(env["POOL_MIN"]),
-        pool_max=int(env["POOL_MAX"]),
+        workers=seen.app.workers,
+        pool_min=seen.app.pool_min,
+        pool_max=seen.app.pool_max,
         bouncers=bouncers,
         bouncers_out=bouncer_out,
         bouncers_draining=bouncer_surge + (1 if one_at_a_time else bouncers),
-        bouncer=BouncerLimits(
-            max_client_conn=int(env["PGBOUNCER_MAX_CLIENT_CONN"]),
-            default_pool_size=int(env["PGBOUNCER_DEFAULT_POOL_SIZE"]),
-            reserve_pool_size=int(env["PGBOUNCER_RESERVE_POOL_SIZE"]),
-            max_db_connections=int(env["PGBOUNCER_MAX_DB_CONNECTIONS"]),
-        ),
-        postgres=PostgresLimits(
-            max_connections=int(env["POSTGRES_MAX_CONNECTIONS"]),
-            superuser_reserved=int(env["POSTGRES_SUPERUSER_RESERVED"]),
-        ),
+        bouncer=seen.bouncer,
+        postgres=seen.postgres,
     )
 
 
