@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
-from service.deps import DatabaseDep, SettingsDep
+from service.deps import app_settings, database
 from service.errors import problem
 from service.schemas import Health, problem_responses
 
@@ -24,8 +24,9 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses=problem_responses(503))
-async def readyz(request: Request, db: DatabaseDep, settings: SettingsDep) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """200 when a pooled connection answers `SELECT 1` within READINESS_TIMEOUT."""
+    db, settings = database(request), app_settings(request)
     try:
         await db.ping(settings.readiness_timeout)
     except NOT_READY as exc:

@@ -2,12 +2,12 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import TypeAdapter
 
 from service import sql
 from service.db import Connection
-from service.deps import DatabaseDep, SettingsDep
+from service.deps import app_settings, database
 from service.errors import NotFound
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.responses import JSONBytes
@@ -37,7 +37,7 @@ ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id
 
 @router.post("", status_code=201)
 async def create_item(
-    body: ItemCreate, db: DatabaseDep, response: Response, key: IdempotencyKey = None
+    body: ItemCreate, request: Request, response: Response, key: IdempotencyKey = None
 ) -> Item:
     async def insert(conn: Connection) -> Item:
         cur = await conn.execute(sql.INSERT_ITEM, (body.name, body.description))
@@ -48,15 +48,15 @@ async def create_item(
     async def write(conn: Connection) -> tuple[Item, bool]:
         return await once(conn, key, "POST /items", body, Item, insert)
 
-    item, replayed = await db.transaction(write)
+    item, replayed = await database(request).transaction(write)
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return item
 
 
 @router.get("/{item_id}", response_model=Item)
-async def get_item(item_id: ItemIdPath, db: DatabaseDep) -> Response:
-    row = await db.fetch_one(sql.GET_ITEM, (item_id,))
+async def get_item(item_id: ItemIdPath, request: Request) -> Response:
+    row = await database(request).fetch_one(sql.GET_ITEM, (item_id,))
     if row is None:
         raise NotFound("item")
     return JSONBytes(ITEM_JSON.dump_json(row))  # type: ignore[arg-type]
@@ -64,39 +64,38 @@ async def get_item(item_id: ItemIdPath, db: DatabaseDep) -> Response:
 
 @router.get("", response_model=ItemPage)
 async def list_items(
-    db: DatabaseDep,
-    settings: SettingsDep,
+    request: Request,
     limit: Annotated[int, Query(ge=1, description="Page size (at most PAGE_LIMIT_MAX).")] = 20,
     after: Annotated[
         int, Query(ge=0, le=BIGINT_MAX, description="Return items with id above this.")
     ] = 0,
 ) -> Response:
-    limit = min(limit, settings.page_limit_max)
-    rows = await db.fetch_all(sql.LIST_ITEMS, (after, limit))
+    limit = min(limit, app_settings(request).page_limit_max)
+    rows = await database(request).fetch_all(sql.LIST_ITEMS, (after, limit))
     next_after = rows[-1]["id"] if len(rows) == limit else None
     page = {"items": rows, "next_after": next_after}
     return JSONBytes(PAGE_JSON.dump_json(page))  # type: ignore[arg-type]
 
 
 @router.patch("/{item_id}")
-async def update_item(item_id: ItemIdPath, body: ItemUpdate, db: DatabaseDep) -> Item:
+async def update_item(item_id: ItemIdPath, body: ItemUpdate, request: Request) -> Item:
     async def update(conn: Connection) -> Item | None:
         cur = await conn.execute(sql.UPDATE_ITEM, (body.name, body.description, item_id))
         row = await cur.fetchone()
         return None if row is None else Item.model_validate(row)
 
-    item = await db.transaction(update)
+    item = await database(request).transaction(update)
     if item is None:
         raise NotFound("item")
     return item
 
 
 @router.delete("/{item_id}", status_code=204)
-async def delete_item(item_id: ItemIdPath, db: DatabaseDep) -> Response:
+async def delete_item(item_id: ItemIdPath, request: Request) -> Response:
     async def delete(conn: Connection) -> bool:
         cur = await conn.execute(sql.DELETE_ITEM, (item_id,))
         return await cur.fetchone() is not None
 
-    if not await db.transaction(delete):
+    if not await database(request).transaction(delete):
         raise NotFound("item")
     return Response(status_code=204)

@@ -2,12 +2,12 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import TypeAdapter
 
 from service import sql
 from service.db import Connection
-from service.deps import DatabaseDep
+from service.deps import database
 from service.errors import InvalidReference
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.responses import JSONBytes
@@ -28,7 +28,8 @@ router = APIRouter(
 
 
 @router.post("", status_code=201, response_model=Visit)
-async def create_visit(body: VisitCreate, db: DatabaseDep, key: IdempotencyKey = None) -> Response:
+async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey = None) -> Response:
+    db = database(request)
     if key is None:
         # The common case: one round trip. A missing item makes the UPDATE match no
         # row, so the INSERT has nothing to insert and the transaction commits nothing.
@@ -54,11 +55,12 @@ async def create_visit(body: VisitCreate, db: DatabaseDep, key: IdempotencyKey =
 
 @router.get("/count")
 async def count_visits(
-    db: DatabaseDep,
+    request: Request,
     item_id: Annotated[
         int | None, Query(ge=1, le=BIGINT_MAX, description="Count one item's visits only.")
     ] = None,
 ) -> VisitCount:
+    db = database(request)
     if item_id is None:
         row = await db.fetch_one(sql.COUNT_VISITS)
     else:
