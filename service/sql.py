@@ -39,6 +39,14 @@ COUNT_VISITS: LiteralString = "SELECT count(*) AS count FROM visits"
 COUNT_ITEM_VISITS: LiteralString = "SELECT count(*) AS count FROM visits WHERE item_id = %s"
 
 
+_RECORD_VISIT_AROUND_ID = [sql.SQL(part) for part in RECORD_VISIT.split("%s")]
+
+
 def record_visit(item_id: int) -> sql.Composed:
-    """RECORD_VISIT with its value inlined as a literal, for a one-round-trip write."""
-    return sql.SQL(RECORD_VISIT.replace("%s", "{}")).format(sql.Literal(item_id))
+    """RECORD_VISIT with its value inlined as a literal, for a one-round-trip write.
+
+    The text is split around its placeholder once, at import: `sql.SQL.format` would
+    parse it again on every request.
+    """
+    before, after = _RECORD_VISIT_AROUND_ID
+    return sql.Composed([before, sql.Literal(item_id), after])
