@@ -40,14 +40,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = create_pool(settings)
         await open_pool(pool, settings)
         observer: PoolObserver = NullPoolObserver()
-        publisher = None
         if settings.metrics_enabled:
             observer = PrometheusPoolObserver()
+        db = Database(pool, settings, observer)
+        publisher = None
+        if settings.metrics_enabled:
             publisher = asyncio.create_task(
-                publish_pool_stats(pool, settings.pool_stats_interval), name="pool-stats"
+                publish_pool_stats(pool, settings.pool_stats_interval, lambda: db.queue.waiting),
+                name="pool-stats",
             )
         try:
-            yield {"db": Database(pool, settings, observer)}
+            yield {"db": db}
         finally:
             if publisher is not None:
                 publisher.cancel()
@@ -61,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Items and visits on PostgreSQL behind PgBouncer.",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks check for a provider on every request; this
+        # service reports to Prometheus (service/metrics.py) and configures none.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     install_error_handlers(app)

@@ -11,19 +11,19 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from typing import Any, TypeVar
-from weakref import WeakKeyDictionary
 
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, BaseConnection, sql
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
+from service.checkout import CheckoutQueue
 from service.errors import DatabaseDeadline
 from service.metrics import NullPoolObserver, PoolObserver
 from service.prepared import describe_prepared_statements, prepare_threshold
@@ -32,22 +32,46 @@ from service.settings import DeploymentSettings, Settings
 logger = logging.getLogger("service.db")
 
 T = TypeVar("T")
-Connection = AsyncConnection[DictRow]
+
+
+_COMMIT_ONE = sql.SQL("; COMMIT")
+
+
+class Connection(AsyncConnection[DictRow]):
+    """A pooled connection that remembers when a request last gave it back."""
+
+    returned_at: float = float("-inf")  # never: the first checkout tests it
+
+
 Pool = AsyncConnectionPool[Connection]
 
 
-# Whether the connection a request checks out must be tested first (see CheckAndSweep).
-_MUST_CHECK: ContextVar[bool] = ContextVar("must_check", default=True)
+def spoke_unasked(conn: BaseConnection[Any]) -> bool:
+    """Whether the server sent something, or hung up, since the connection's last answer.
+
+    A connection at rest has nothing to read: bytes or an end-of-file waiting on its
+    socket mean PgBouncer or PostgreSQL closed it (restart, shutdown, idle timeout) or
+    sent a termination notice. One zero-timeout poll(2), no round trip.
+    """
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return True  # already closed on our side
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class CheckAndSweep:
     """The pool's `check` callback: a connection that died while idle is replaced unseen.
 
-    Writes always test their connection at checkout (an empty query, one round trip):
-    a write must never be sent on a dead connection, since it cannot be safely repeated.
-    Reads skip the test when the connection came back to the pool less than
-    `fresh_for` seconds ago; under load that saves a round trip per request, and a read
-    that finds its connection dead is repeated once on a tested one (`Database._read`).
+    A connection given back less than `fresh_for` seconds ago gets a local test: if the
+    server has sent nothing since (`spoke_unasked`), it is used as it is. Under load
+    that is every checkout, and it saves a round trip per request. One that sat idle
+    longer, or whose server spoke, is tested with an empty query (one round trip).
+    What the local test cannot see (a connection cut silently in the last second) a
+    read survives by being repeated once on another connection (`Database._read`),
+    and a write by its deadline and the client's Idempotency-Key.
 
     On the first dead connection it sweeps every idle one (`pool.check()`): after
     PgBouncer restarts they are all dead, and psycopg_pool would otherwise try them one
@@ -58,18 +82,11 @@ class CheckAndSweep:
     def __init__(self, fresh_for: float) -> None:
         self.pool: Pool | None = None
         self.fresh_for = fresh_for
-        self._returned_at: WeakKeyDictionary[Connection, float] = WeakKeyDictionary()
         self._sweeping = False
 
-    async def returned(self, conn: Connection) -> None:
-        """The pool's `reset` callback: note when the connection came back."""
-        self._returned_at[conn] = time.monotonic()
-
     async def __call__(self, conn: Connection) -> None:
-        if not _MUST_CHECK.get():
-            returned = self._returned_at.get(conn)
-            if returned is not None and time.monotonic() - returned < self.fresh_for:
-                return
+        if time.monotonic() - conn.returned_at < self.fresh_for and not spoke_unasked(conn):
+            return
         try:
             await AsyncConnectionPool.check_connection(conn)
         except Exception:
@@ -91,7 +108,7 @@ def create_pool(settings: Settings) -> Pool:
     check = CheckAndSweep(fresh_for=settings.pool_check_after_idle)
     pool: Pool = AsyncConnectionPool(
         settings.conninfo,
-        connection_class=AsyncConnection[DictRow],
+        connection_class=Connection,
         kwargs={
             "autocommit": True,  # a read is one statement, one round trip
             # None unless PREPARED_STATEMENTS is on and safe (see prepare_threshold).
@@ -109,7 +126,8 @@ def create_pool(settings: Settings) -> Pool:
         # A connection that died while idle (PgBouncer restarted, network cut) is
         # replaced at checkout instead of failing the request that drew it.
         check=check,
-        reset=check.returned,
+        # No `reset` callback: with one, psycopg_pool hands every returned connection
+        # to a background task instead of to the next waiting request at once.
         name=name,
         open=False,
     )
@@ -139,34 +157,39 @@ class Database:
         self.per_request = settings.connection_strategy == "per-request"
         self.deadline = settings.db_deadline
         self.observer = observer or NullPoolObserver()
+        # Requests wait for a connection here, not in the pool's own queue (see there).
+        self.queue = CheckoutQueue(pool.max_size, settings.pool_max_waiting, pool.timeout)
         # Calls past their deadline, still cancelling in the background (see _bounded);
         # held here so they are not garbage-collected half-way.
         self._abandoned: set[asyncio.Future[Any]] = set()
         self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
             sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
         )
+        self._begin_one = sql.SQL("BEGIN; {}; ").format(self._set_statement_timeout)
 
     @asynccontextmanager
-    async def _connection(self, *, must_check: bool) -> AsyncIterator[Connection]:
+    async def _connection(self) -> AsyncIterator[Connection]:
         """A pooled connection, with the checkout timed and its failures counted."""
         if self.per_request:
             async with await self._connect() as conn:
                 yield conn
             return
-        token = _MUST_CHECK.set(must_check)
         started = time.perf_counter()
         try:
-            async with self.pool.connection() as conn:
-                self.observer.acquired(time.perf_counter() - started)
-                yield conn
+            async with self.queue.slot():
+                left = self.queue.timeout - (time.perf_counter() - started)
+                async with self.pool.connection(timeout=left) as conn:
+                    self.observer.acquired(time.perf_counter() - started)
+                    try:
+                        yield conn
+                    finally:
+                        conn.returned_at = time.monotonic()
         except PoolTimeout:
             self.observer.timed_out()
             raise
         except TooManyRequests:
             self.observer.rejected()
             raise
-        finally:
-            _MUST_CHECK.reset(token)
 
     async def _bounded(self, call: Coroutine[Any, Any, T], seconds: float) -> T:
         """Await `call`, but give up after `seconds` whatever the network does.
@@ -178,13 +201,27 @@ class Database:
         background (its connection then goes back to the pool or is discarded), and
         TimeoutError is raised now.
         """
-        task = asyncio.ensure_future(call)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(call)
+        # A bare future woken by the task or the timer: asyncio.wait would build a set,
+        # a waiter and callbacks for it on every call, and this is every request's path.
+        woken = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        task.add_done_callback(wake)
+        timer = loop.call_later(seconds, wake)
         try:
-            done, _ = await asyncio.wait({task}, timeout=seconds)
+            await woken
         except asyncio.CancelledError:
             task.cancel()  # the request itself was cancelled (client gone, shutdown)
             raise
-        if task in done:
+        finally:
+            timer.cancel()
+            task.remove_done_callback(wake)
+        if task.done():
             return task.result()
         task.cancel()
         self._abandoned.add(task)
@@ -210,14 +247,14 @@ class Database:
     async def _read_once_or_twice(self, run: Callable[[Connection], Awaitable[T]]) -> T:
         used: Connection | None = None
         try:
-            async with self._connection(must_check=False) as conn:
+            async with self._connection() as conn:
                 used = conn
                 return await run(conn)
         except psycopg.OperationalError:
             if used is None or not used.broken:
                 raise  # the query failed, not the connection: report it
             logger.info("connection of %r found dead by a read: repeating it", self.pool.name)
-        async with self._connection(must_check=True) as conn:
+        async with self._connection() as conn:
             return await run(conn)
 
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
@@ -241,14 +278,14 @@ class Database:
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` in one explicit transaction with a statement timeout set LOCAL.
 
-        Its connection is always tested first, and it is never repeated. Pipeline mode
-        sends BEGIN, SET LOCAL and the first statements together.
+        Its connection is tested at checkout (CheckAndSweep), and it is never repeated.
+        Pipeline mode sends BEGIN, SET LOCAL and the first statements together.
         """
         return await self._within_deadline(self._transaction(work))
 
     async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         async with (
-            self._connection(must_check=True) as conn,
+            self._connection() as conn,
             conn.pipeline(),
             conn.transaction(),
         ):
@@ -264,11 +301,11 @@ class Database:
         `sql.Literal`s (the simple protocol has no parameters). Use `transaction` when
         the code must decide something before COMMIT.
         """
-        query = sql.SQL("BEGIN; {}; {}; COMMIT").format(self._set_statement_timeout, statement)
+        query = sql.Composed([self._begin_one, statement, _COMMIT_ONE])
         return await self._within_deadline(self._write_one(query))
 
     async def _write_one(self, query: sql.Composed) -> DictRow | None:
-        async with self._connection(must_check=True) as conn:
+        async with self._connection() as conn:
             cur = conn.cursor()
             try:
                 await cur.execute(query)
@@ -298,7 +335,7 @@ class Database:
 
     async def _connect(self) -> Connection:
         """A new connection of our own: the naive pattern the benchmark compares against."""
-        return await AsyncConnection.connect(
+        return await Connection.connect(
             self.settings.conninfo,
             autocommit=True,
             prepare_threshold=None,  # a new connection per request never reuses one

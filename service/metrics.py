@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import Counter as Counter_
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -138,11 +139,12 @@ class PrometheusPoolObserver:
         DB_DEADLINE_EXCEEDED.inc()
 
 
-def record_pool_stats(pool: AsyncConnectionPool[Any]) -> None:
+def record_pool_stats(pool: AsyncConnectionPool[Any], queued: int = 0) -> None:
     """Copy one snapshot of the pool's statistics into the metrics.
 
     `pop_stats` resets the pool's counters, so each call adds what happened since the
-    last one. Keys may be absent when zero.
+    last one. Keys may be absent when zero. `queued`: requests waiting in the worker's
+    CheckoutQueue (service/checkout.py), in front of the pool's own queue.
     """
     stats = pool.pop_stats()
     size = stats.get("pool_size", 0)
@@ -152,18 +154,20 @@ def record_pool_stats(pool: AsyncConnectionPool[Any]) -> None:
     POOL_SIZE.set(size)
     POOL_AVAILABLE.set(available)
     POOL_IN_USE.set(max(0, size - available))
-    POOL_WAITING.set(stats.get("requests_waiting", 0))
+    POOL_WAITING.set(queued + stats.get("requests_waiting", 0))
     POOL_CONNECTION_ERRORS.inc(stats.get("connections_errors", 0))
     POOL_CONNECTIONS_LOST.inc(stats.get("connections_lost", 0))
     POOL_BAD_RETURNS.inc(stats.get("returns_bad", 0))
 
 
-async def publish_pool_stats(pool: AsyncConnectionPool[Any], interval: float) -> None:
+async def publish_pool_stats(
+    pool: AsyncConnectionPool[Any], interval: float, queued: Callable[[], int] = lambda: 0
+) -> None:
     """Record the pool's statistics and the HTTP tally every `interval` s until cancelled."""
     try:
         while True:
             try:
-                record_pool_stats(pool)
+                record_pool_stats(pool, queued())
                 TALLY.flush()
             except Exception:  # a metrics hiccup must never take the worker down
                 logger.exception("could not record pool statistics")

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     pool_check_after_idle: float = Field(
         default=1.0,
         ge=0,
-        description="Reads test a connection idle this long before use (writes always test).",
+        description="A connection idle this long is tested with a round trip before use.",
     )
 
     # Time bounds on database work.

@@ -6,11 +6,13 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 
 from infra.localstack import procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
+from service.db import spoke_unasked
 from tests.conftest import APP, Databases, StartService, make_items, stopped
 
 POOL_TIMEOUT = 1.0
@@ -85,3 +87,17 @@ def test_idle_connections_killed_behind_our_back_are_replaced(
     assert write.status_code == 201, write.text
     assert elapsed < POOL_TIMEOUT, "dead connections are swept at once, not tried one by one"
     assert [r.status_code for r in responses] == [200] * 20
+
+
+def test_a_connection_whose_server_hung_up_is_seen_without_a_round_trip(
+    own_bouncer: PgBouncer,
+) -> None:
+    """The local test behind every fresh checkout: nothing to read means alive."""
+    with psycopg.connect(own_bouncer.app_conninfo(APP), autocommit=True) as conn:
+        conn.execute("SELECT 1").fetchone()
+        assert not spoke_unasked(conn)
+        own_bouncer.stop()
+        try:
+            assert procs.wait_until(lambda: spoke_unasked(conn), 5)
+        finally:
+            own_bouncer.start()

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack.replicas import Replica
 from tests.conftest import Databases, StartService, make_items
@@ -131,3 +132,29 @@ def test_deadline_bounds_a_read_stuck_behind_a_lock(tight: Replica, databases: D
     with httpx.Client(base_url=tight.url, timeout=30) as http:
         (item,) = make_items(tight.url, 1)
         assert [http.get(f"/items/{item}").status_code for _ in range(5)] == [200] * 5
+
+
+def test_requests_queued_for_a_connection_show_in_the_waiting_gauge(
+    start_service: StartService, databases: Databases
+) -> None:
+    """Queued requests wait in the worker's CheckoutQueue; the gauge must still see them."""
+    replica = start_service(
+        pool_min=1, pool_max=1, pool_timeout=2, pool_stats_interval=0.2
+    )
+    (item,) = make_items(replica.url, 1)
+    seen: list[float] = []
+    with (
+        httpx.Client(base_url=replica.url, timeout=30) as http,
+        locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=1.5),
+        ThreadPoolExecutor(max_workers=4) as pool,
+    ):
+        waiting = [pool.submit(http.get, f"/items/{item}") for _ in range(4)]
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            for family in text_string_to_metric_families(httpx.get(replica.metrics_url).text):
+                if family.name == "pgscale_pool_requests_waiting":
+                    seen.append(sum(s.value for s in family.samples))
+            time.sleep(0.1)
+        statuses = [f.result().status_code for f in waiting]
+    assert max(seen) == 3, seen  # one request holds the connection, three queue
+    assert statuses == [200] * 4  # the lock goes before POOL_TIMEOUT: all are served
