@@ -138,9 +138,7 @@ def test_requests_queued_for_a_connection_show_in_the_waiting_gauge(
     start_service: StartService, databases: Databases
 ) -> None:
     """Queued requests wait in the worker's CheckoutQueue; the gauge must still see them."""
-    replica = start_service(
-        pool_min=1, pool_max=1, pool_timeout=2, pool_stats_interval=0.2
-    )
+    replica = start_service(pool_min=1, pool_max=1, pool_timeout=2, pool_stats_interval=0.2)
     (item,) = make_items(replica.url, 1)
     seen: list[float] = []
     with (

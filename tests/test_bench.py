@@ -1,0 +1,81 @@
+"""The benchmark runs end to end (one short round) and its report holds together."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtests.bench import PAIRS, PLAN, Result, latency_floor, paired_ratios
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(config: str, endpoint: str, round_: int, rps: float) -> Result:
+    return Result(config, endpoint, rps, 1.0, 2.0, 0, 0, round=round_, cpu_ms={"workers": 1.0})
+
+
+def test_ratios_are_taken_within_each_round_then_the_median() -> None:
+    item = ("pooled (as deployed)", "GET /items/{id}")
+    ceiling = ("framework ceiling", "GET /healthz")
+    # The machine slows down in round 2: both runs of that round do.
+    raw = {
+        item: [run(*item, 1, 300), run(*item, 2, 100), run(*item, 3, 330)],
+        ceiling: [run(*ceiling, 1, 1000), run(*ceiling, 2, 350), run(*ceiling, 3, 1000)],
+    }
+    ratios = paired_ratios(raw)
+    assert ratios["GET /items/{id} vs framework ceiling"] == pytest.approx(0.3)
+    assert "POST /visits vs GET /items/{id}" not in ratios  # no POST runs: no ratio
+
+
+def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
+    floor = latency_floor(64, Result("c", "e", 1000.0, 1, 2, 0, 0, cpu_ms={"a": 1.5, "b": 0.5}))
+    cores = floor["cores"]
+    assert floor["cpu_ms_per_request"] == 2.0
+    assert floor["max_rps"] == round(1000 * cores / 2.0)
+    assert floor["mean_latency_floor_ms"] == round(64 * 2.0 / cores, 1)
+    assert floor["measured_mean_latency_ms"] == 64.0
+
+
+def test_every_pair_a_target_compares_is_in_the_plan() -> None:
+    planned = {(endpoint, key) for endpoint, key in PLAN}
+    assert ("GET /healthz", "pooled") in planned
+    assert len(PAIRS) == 3
+
+
+def test_one_short_round_end_to_end(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtests.bench", "--rounds", "1", "--duration", "2"),
+            *("--connections", "16", "--out", str(tmp_path)),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["endpoint"], r["config"]): r for r in report["results"]}
+    assert len(rows) == len(PLAN) + 2  # every planned run, and the two pgbench ceilings
+    for row in rows.values():
+        assert row["rps"] > 0
+        assert row["non2xx"] == 0, row
+        assert row["socket_errors"] == 0, row
+    pooled = rows[("GET /items/{id}", "pooled (as deployed)")]
+    assert pooled["cpu_ms_per_request"]["workers"] > 0
+    assert pooled["cpu_ms_per_request"]["postgres"] > 0
+    assert pooled["cpu_ms_per_request"]["pgbouncer"] > 0
+    direct = rows[("GET /items/{id}", "direct to PostgreSQL")]
+    assert direct["cpu_ms_per_request"]["pgbouncer"] < pooled["cpu_ms_per_request"]["pgbouncer"]
+    assert set(report["paired_ratios"]) == set(PAIRS)
+    assert {t["target"] for t in report["targets"]} >= {
+        "GET /items/{id} vs naive",
+        "GET /items/{id} p99 ms",
+        "start to ready s",
+    }
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "CPU per request" in markdown
+    assert "Latency arithmetic" in markdown
