@@ -12,7 +12,9 @@ takes medians over the rounds.
 - `direct`: the pooled service pointed straight at PostgreSQL;
 - `framework ceiling`: GET /healthz on the pooled replica (no database);
 - `database ceiling`: pgbench running the same SELECT through the same PgBouncer with
-  as many connections as the pooled replica holds (2 x 4).
+  as many connections as the pooled replica holds (2 x 4);
+- `driver ceiling`: psycopg alone running that SELECT the same way, from Python
+  (loadtests/driver_ceiling.py): what the database path costs the service's side.
 
 Also: the CPU each run cost per request, split by process (the replica's workers,
 PgBouncer, PostgreSQL, the load generator), which says where a request's time goes on a
@@ -257,6 +259,32 @@ def run_wrk(url: str, script: Path, connections: int, duration: int) -> dict[str
     line = result.stdout.strip().splitlines()[-1]
     data: dict[str, Any] = json.loads(line)
     return data
+
+
+def run_driver(url: str, duration: int) -> Result:
+    """psycopg alone running GET /items/{id}'s SELECT (loadtests/driver_ceiling.py)."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtests.driver_ceiling", url),
+            *("--clients", str(WORKERS * POOL), "--duration", str(duration)),
+            *("--ids", str(SEED_ITEMS)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+        cwd=REPO,
+    )
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    return Result(
+        config="driver ceiling",
+        endpoint="psycopg SELECT by id",
+        rps=data["queries"] / data["seconds"],
+        p50_ms=data["p50_ms"],
+        p99_ms=data["p99_ms"],
+        non2xx=0,
+        socket_errors=0,
+    )
 
 
 def run_pgbench(
@@ -513,6 +541,14 @@ def main(argv: list[str] | None = None) -> int:
                 pgb.cpu_ms = per_request(cpu, round(pgb.rps * args.duration))
                 raw[(pgb.config, pgb.endpoint)].append(pgb)
                 say(f"round {round_}: {pgb.endpoint:<20} {pgb.config:<26} {pgb.rps:8.0f} tx/s")
+            cpu_before, child_before = meter.read(None), meter.children()
+            drv = run_driver(bouncer.app_conninfo(APP), args.duration)
+            cpu = meter.spent(cpu_before, meter.read(None))
+            cpu["load generator"] = meter.children() - child_before
+            drv.round = round_
+            drv.cpu_ms = per_request(cpu, round(drv.rps * args.duration))
+            raw[(drv.config, drv.endpoint)].append(drv)
+            say(f"round {round_}: {drv.endpoint:<20} {drv.config:<26} {drv.rps:8.0f} q/s")
         results = [median_of(runs) for runs in raw.values()]
         paired = paired_ratios(raw)
         if args.profile:
@@ -676,7 +712,12 @@ def build_report(
         },
         "results": rows,
         "paired_ratios": {k: round(v, 3) for k, v in paired.items()},
-        "latency_floor": latency_floor(args.connections, pooled_get),
+        "latency_floor": latency_floor(
+            args.connections,
+            pooled_get,
+            framework,
+            by.get(("driver ceiling", "psycopg SELECT by id")),
+        ),
         "processes": [
             {
                 "config": c.label,
@@ -691,16 +732,24 @@ def build_report(
     }
 
 
-def latency_floor(connections: int, run: Result) -> dict[str, float]:
+def latency_floor(
+    connections: int,
+    run: Result,
+    framework: Result | None = None,
+    driver: Result | None = None,
+) -> dict[str, float]:
     """What CPU per request allows at this concurrency (Little's law, closed loop).
 
     wrk keeps `connections` requests in flight, so mean latency = connections / rate;
     the cores bound the rate at cores / CPU per request (every process counted). p99 is
-    above the mean, so a p99 goal needs at least this CPU budget per request.
+    above the mean, so a p99 goal needs at least this CPU budget per request. With the
+    framework ceiling (HTTP, FastAPI and wrk, no database) and the driver ceiling
+    (psycopg, PgBouncer and PostgreSQL, no HTTP) it also gives the floor for a request
+    whose service code cost nothing.
     """
     cores = os.cpu_count() or 1
     cpu = sum(run.cpu_ms.values())
-    return {
+    floor = {
         "cores": cores,
         "cpu_ms_per_request": round(cpu, 3),
         "max_rps": round(1000 * cores / cpu) if cpu else 0,
@@ -708,6 +757,12 @@ def latency_floor(connections: int, run: Result) -> dict[str, float]:
         "measured_mean_latency_ms": round(1000 * connections / run.rps, 1) if run.rps else 0,
         "cpu_budget_for_mean_40ms": round(40 * cores / connections, 3),
     }
+    if framework and driver:
+        bare = sum(framework.cpu_ms.values()) + sum(driver.cpu_ms.values())
+        floor["bare_cpu_ms_per_request"] = round(bare, 3)
+        floor["bare_max_rps"] = round(1000 * cores / bare) if bare else 0
+        floor["bare_mean_latency_floor_ms"] = round(connections * bare / cores, 1)
+    return floor
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -735,7 +790,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "CPU per request, ms (user + system, medians), by process: where the time goes"
-        " on cores every process shares.",
+        " on cores every process shares. For pgbench and the driver ceiling the load"
+        " generator is the database client itself.",
         "",
         "| endpoint | configuration | " + " | ".join(groups) + " | total |",
         "|---|---|" + "---|" * (len(groups) + 1),
@@ -757,6 +813,13 @@ def markdown(report: dict[str, Any]) -> str:
         f" p99 is above the mean. A mean of 40 ms needs at most"
         f" {f['cpu_budget_for_mean_40ms']} ms of CPU per request, all processes included.",
     ]
+    if "bare_cpu_ms_per_request" in f:
+        lines[-1] += (
+            f" Even if the service's own code cost nothing, a request would still cost the"
+            f" framework ceiling's CPU plus the driver ceiling's: {f['bare_cpu_ms_per_request']}"
+            f" ms, at most {f['bare_max_rps']} req/s, a mean latency of at least"
+            f" {f['bare_mean_latency_floor_ms']} ms."
+        )
     lines += ["", "| configuration | start to ready | worker RSS at rest | worker RSS under load |"]
     lines += ["|---|---|---|---|"]
     for p in report["processes"]:

@@ -32,12 +32,19 @@ def test_ratios_are_taken_within_each_round_then_the_median() -> None:
 
 
 def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
-    floor = latency_floor(64, Result("c", "e", 1000.0, 1, 2, 0, 0, cpu_ms={"a": 1.5, "b": 0.5}))
+    floor = latency_floor(
+        64,
+        Result("c", "e", 1000.0, 1, 2, 0, 0, cpu_ms={"a": 1.5, "b": 0.5}),
+        Result("f", "e", 5000.0, 1, 2, 0, 0, cpu_ms={"a": 0.25}),
+        Result("d", "e", 4000.0, 1, 2, 0, 0, cpu_ms={"a": 0.25}),
+    )
     cores = floor["cores"]
     assert floor["cpu_ms_per_request"] == 2.0
     assert floor["max_rps"] == round(1000 * cores / 2.0)
     assert floor["mean_latency_floor_ms"] == round(64 * 2.0 / cores, 1)
     assert floor["measured_mean_latency_ms"] == 64.0
+    assert floor["bare_cpu_ms_per_request"] == 0.5
+    assert floor["bare_mean_latency_floor_ms"] == round(64 * 0.5 / cores, 1)
 
 
 def test_every_pair_a_target_compares_is_in_the_plan() -> None:
@@ -59,7 +66,7 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     )
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["endpoint"], r["config"]): r for r in report["results"]}
-    assert len(rows) == len(PLAN) + 2  # every planned run, and the two pgbench ceilings
+    assert len(rows) == len(PLAN) + 3  # every planned run, two pgbench runs, the driver
     for row in rows.values():
         assert row["rps"] > 0
         assert row["non2xx"] == 0, row
@@ -71,6 +78,10 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     direct = rows[("GET /items/{id}", "direct to PostgreSQL")]
     assert direct["cpu_ms_per_request"]["pgbouncer"] < pooled["cpu_ms_per_request"]["pgbouncer"]
     assert set(report["paired_ratios"]) == set(PAIRS)
+    driver = rows[("psycopg SELECT by id", "driver ceiling")]
+    assert driver["cpu_ms_per_request"]["load generator"] > 0  # psycopg's own CPU
+    floor = report["latency_floor"]
+    assert 0 < floor["bare_cpu_ms_per_request"] < floor["cpu_ms_per_request"]
     assert {t["target"] for t in report["targets"]} >= {
         "GET /items/{id} vs naive",
         "GET /items/{id} p99 ms",
