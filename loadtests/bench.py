@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import resource
@@ -47,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -532,23 +534,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"  p99 {result.p99_ms:6.1f} ms  non-2xx {result.non2xx}"
                     f"  CPU {sum(result.cpu_ms.values()):.2f} ms/req"
                 )
-            for name, script in sql_scripts.items():
+            clients: list[Callable[[], Result]] = [
+                functools.partial(
+                    run_pgbench, bouncer, password, name, path, args.duration, scratch
+                )
+                for name, path in sql_scripts.items()
+            ]
+            clients.append(functools.partial(run_driver, bouncer.app_conninfo(APP), args.duration))
+            for client in clients:
                 cpu_before, child_before = meter.read(None), meter.children()
-                pgb = run_pgbench(bouncer, password, name, script, args.duration, scratch)
+                run = client()
                 cpu = meter.spent(cpu_before, meter.read(None))
                 cpu["load generator"] = meter.children() - child_before
-                pgb.round = round_
-                pgb.cpu_ms = per_request(cpu, round(pgb.rps * args.duration))
-                raw[(pgb.config, pgb.endpoint)].append(pgb)
-                say(f"round {round_}: {pgb.endpoint:<20} {pgb.config:<26} {pgb.rps:8.0f} tx/s")
-            cpu_before, child_before = meter.read(None), meter.children()
-            drv = run_driver(bouncer.app_conninfo(APP), args.duration)
-            cpu = meter.spent(cpu_before, meter.read(None))
-            cpu["load generator"] = meter.children() - child_before
-            drv.round = round_
-            drv.cpu_ms = per_request(cpu, round(drv.rps * args.duration))
-            raw[(drv.config, drv.endpoint)].append(drv)
-            say(f"round {round_}: {drv.endpoint:<20} {drv.config:<26} {drv.rps:8.0f} q/s")
+                run.round = round_
+                run.cpu_ms = per_request(cpu, round(run.rps * args.duration))
+                raw[(run.config, run.endpoint)].append(run)
+                say(f"round {round_}: {run.endpoint:<20} {run.config:<26} {run.rps:8.0f} /s")
         results = [median_of(runs) for runs in raw.values()]
         paired = paired_ratios(raw)
         if args.profile:
