@@ -420,11 +420,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS") or 3))
     parser.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION") or 8))
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--also-connections",
+        default="8,16,32",
+        help="GET /items/{id} as deployed at these concurrencies too (comma-separated, or '')",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy a pooled worker")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 2:
         parser.error("--rounds must be >= 1 and --duration >= 2")
+    try:
+        also = [int(c) for c in args.also_connections.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--also-connections: not a list of numbers: {args.also_connections!r}")
+    if any(c < 1 for c in also):
+        parser.error("--also-connections: each must be >= 1")
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or REPORTS / stamp
@@ -502,7 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         by_key = {c.key: c for c in configs}
         raw: dict[tuple[str, str], list[Result]] = collections.defaultdict(list)
         for round_ in range(1, args.rounds + 1):
-            for endpoint, key in PLAN:
+            # At lower concurrency too: the same rate with less queueing shows how much
+            # of the latency at --connections is waiting, not work.
+            extra = [("GET /items/{id}", "pooled", c) for c in also]
+            for endpoint, key, connections in [(e, k, args.connections) for e, k in PLAN] + extra:
                 config = by_key[key]
                 assert config.replica is not None
                 master = procs.read_pid(config.replica.pid_file)
@@ -510,12 +524,14 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_before, child_before = meter.read(master), meter.children()
                 with sampler:
                     data = run_wrk(
-                        config.replica.url, scripts[endpoint], args.connections, args.duration
+                        config.replica.url, scripts[endpoint], connections, args.duration
                     )
                 cpu = meter.spent(cpu_before, meter.read(master))
                 cpu["load generator"] = meter.children() - child_before
                 config.rss_load_mib = max(config.rss_load_mib, sampler.peak, key=sum)
                 label = "framework ceiling" if endpoint == "GET /healthz" else config.label
+                if connections != args.connections:
+                    label = f"{config.label}, {connections} connections"
                 result = Result(
                     config=label,
                     endpoint=endpoint,

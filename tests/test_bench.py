@@ -57,7 +57,7 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     subprocess.run(
         [
             *(sys.executable, "-m", "loadtests.bench", "--rounds", "1", "--duration", "2"),
-            *("--connections", "16", "--out", str(tmp_path)),
+            *("--connections", "16", "--also-connections", "4", "--out", str(tmp_path)),
         ],
         cwd=REPO,
         check=True,
@@ -66,7 +66,9 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     )
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["endpoint"], r["config"]): r for r in report["results"]}
-    assert len(rows) == len(PLAN) + 3  # every planned run, two pgbench runs, the driver
+    # Every planned run, one at 4 connections, two pgbench runs, the driver ceiling.
+    assert len(rows) == len(PLAN) + 1 + 3
+    assert ("GET /items/{id}", "pooled (as deployed), 4 connections") in rows
     for row in rows.values():
         assert row["rps"] > 0
         assert row["non2xx"] == 0, row
