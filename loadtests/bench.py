@@ -779,6 +779,12 @@ def latency_floor(
         floor["bare_cpu_ms_per_request"] = round(bare, 3)
         floor["bare_max_rps"] = round(1000 * cores / bare) if bare else 0
         floor["bare_mean_latency_floor_ms"] = round(connections * bare / cores, 1)
+        if framework.rps:
+            # How far p99 sits above the mean when nothing but the framework runs: the
+            # spread of the scheduling itself, which no service code can remove.
+            spread = framework.p99_ms / (1000 * connections / framework.rps)
+            floor["framework_p99_over_mean"] = round(spread, 2)
+            floor["bare_p99_estimate_ms"] = round(spread * connections * bare / cores, 1)
     return floor
 
 
@@ -836,6 +842,12 @@ def markdown(report: dict[str, Any]) -> str:
             f" framework ceiling's CPU plus the driver ceiling's: {f['bare_cpu_ms_per_request']}"
             f" ms, at most {f['bare_max_rps']} req/s, a mean latency of at least"
             f" {f['bare_mean_latency_floor_ms']} ms."
+        )
+    if "bare_p99_estimate_ms" in f:
+        lines[-1] += (
+            f" On the framework ceiling alone p99 is {f['framework_p99_over_mean']} times its"
+            f" mean; at that spread such a request's p99 would be about"
+            f" {f['bare_p99_estimate_ms']} ms."
         )
     lines += ["", "| configuration | start to ready | worker RSS at rest | worker RSS under load |"]
     lines += ["|---|---|---|---|"]

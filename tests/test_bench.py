@@ -45,6 +45,9 @@ def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
     assert floor["measured_mean_latency_ms"] == 64.0
     assert floor["bare_cpu_ms_per_request"] == 0.5
     assert floor["bare_mean_latency_floor_ms"] == round(64 * 0.5 / cores, 1)
+    # The framework ceiling: 5000 req/s at 64 connections is a 12.8 ms mean; p99 2 ms.
+    assert floor["framework_p99_over_mean"] == round(2.0 / 12.8, 2)
+    assert floor["bare_p99_estimate_ms"] == round(2.0 / 12.8 * 64 * 0.5 / cores, 1)
 
 
 def test_every_pair_a_target_compares_is_in_the_plan() -> None:
