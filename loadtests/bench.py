@@ -48,7 +48,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,7 +171,7 @@ PLAN = [
 
 
 class CPUMeter:
-    """CPU seconds (user + system) spent by each group of processes between two reads.
+    """CPU seconds (user + system) spent by each group of processes during a run.
 
     Groups: a replica's workers (children of its gunicorn master), PgBouncer, every
     PostgreSQL process, and our own child processes (wrk or pgbench, from rusage).
@@ -191,7 +192,7 @@ class CPUMeter:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / cls.TICK
 
-    def read(self, master: int | None) -> dict[str, dict[int, float]]:
+    def _read(self, master: int | None) -> dict[str, dict[int, float]]:
         groups: dict[str, list[int]] = {
             "workers": worker_pids(master) if master else [],
             "pgbouncer": [p for p in [procs.read_pid(self.bouncer_pid_file)] if p],
@@ -200,20 +201,27 @@ class CPUMeter:
         groups["postgres"] = [postmaster, *worker_pids(postmaster)] if postmaster else []
         return {name: {pid: self._cpu(pid) for pid in pids} for name, pids in groups.items()}
 
-    @staticmethod
-    def children() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
+    @contextmanager
+    def measuring(self, master: int | None) -> Iterator[dict[str, float]]:
+        """CPU seconds by group spent while the block runs, filled in when it ends.
+
+        `master`: the gunicorn master whose workers count (None: no replica). Our own
+        children (wrk, pgbench, the driver ceiling) count as the load generator.
+        """
+        spent: dict[str, float] = {}
+        before, children = self._read(master), self._children()
+        yield spent
+        after = self._read(master)
+        for name, pids in after.items():
+            # A process born in between counts from zero.
+            earlier = before.get(name, {})
+            spent[name] = sum(t - earlier.get(pid, 0.0) for pid, t in pids.items())
+        spent["load generator"] = self._children() - children
 
     @staticmethod
-    def spent(
-        before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
-    ) -> dict[str, float]:
-        """Seconds per group; a process born in between counts from zero."""
-        return {
-            name: sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in pids.items())
-            for name, pids in after.items()
-        }
+    def _children() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
 
 
 def say(line: str) -> None:
@@ -521,13 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                 assert config.replica is not None
                 master = procs.read_pid(config.replica.pid_file)
                 sampler = RssSampler(config.replica)
-                cpu_before, child_before = meter.read(master), meter.children()
-                with sampler:
+                with meter.measuring(master) as cpu, sampler:
                     data = run_wrk(
                         config.replica.url, scripts[endpoint], connections, args.duration
                     )
-                cpu = meter.spent(cpu_before, meter.read(master))
-                cpu["load generator"] = meter.children() - child_before
                 config.rss_load_mib = max(config.rss_load_mib, sampler.peak, key=sum)
                 label = "framework ceiling" if endpoint == "GET /healthz" else config.label
                 if connections != args.connections:
@@ -558,10 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             clients.append(functools.partial(run_driver, bouncer.app_conninfo(APP), args.duration))
             for client in clients:
-                cpu_before, child_before = meter.read(None), meter.children()
-                run = client()
-                cpu = meter.spent(cpu_before, meter.read(None))
-                cpu["load generator"] = meter.children() - child_before
+                with meter.measuring(None) as cpu:
+                    run = client()
                 run.round = round_
                 run.cpu_ms = per_request(cpu, round(run.rps * args.duration))
                 raw[(run.config, run.endpoint)].append(run)

@@ -39,16 +39,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         pool = create_pool(settings)
         await open_pool(pool, settings)
-        observer: PoolObserver = NullPoolObserver()
-        if settings.metrics_enabled:
-            observer = PrometheusPoolObserver()
+        metrics = settings.metrics_enabled
+        observer: PoolObserver = PrometheusPoolObserver() if metrics else NullPoolObserver()
         db = Database(pool, settings, observer)
-        publisher = None
-        if settings.metrics_enabled:
-            publisher = asyncio.create_task(
+        publisher = (
+            asyncio.create_task(
                 publish_pool_stats(pool, settings.pool_stats_interval, lambda: db.queue.waiting),
                 name="pool-stats",
             )
+            if metrics
+            else None
+        )
         try:
             yield {"db": db}
         finally:

@@ -362,6 +362,19 @@ def guard(topology: Topology, log: logging.Logger = logger) -> Budget:
     return budget
 
 
+# The limits the replicas' start-up guard checks and PgBouncer or PostgreSQL run with:
+# each deployment (compose, k8s) must give every component the same values.
+SHARED_LIMITS = (
+    "PGBOUNCER_MAX_CLIENT_CONN",
+    "PGBOUNCER_DEFAULT_POOL_SIZE",
+    "PGBOUNCER_RESERVE_POOL_SIZE",
+    "PGBOUNCER_MAX_DB_CONNECTIONS",
+    "PGBOUNCER_QUERY_WAIT_TIMEOUT",
+    "POSTGRES_MAX_CONNECTIONS",
+    "POSTGRES_SUPERUSER_RESERVED",
+)
+
+
 def environment_topology(env: Mapping[str, str], *, replicas: int, instances: int = 1) -> Topology:
     """The topology a replica with environment `env` belongs to (compose, k8s checks).
 

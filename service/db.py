@@ -34,9 +34,6 @@ logger = logging.getLogger("service.db")
 T = TypeVar("T")
 
 
-_COMMIT_ONE = sql.SQL("; COMMIT")
-
-
 class Connection(AsyncConnection[DictRow]):
     """A pooled connection that remembers when a request last gave it back."""
 
@@ -165,7 +162,9 @@ class Database:
         self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
             sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
         )
+        # write_one's frame, built once: BEGIN; SET LOCAL ...; <statement>; COMMIT
         self._begin_one = sql.SQL("BEGIN; {}; ").format(self._set_statement_timeout)
+        self._commit_one = sql.SQL("; COMMIT")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
@@ -301,7 +300,7 @@ class Database:
         `sql.Literal`s (the simple protocol has no parameters). Use `transaction` when
         the code must decide something before COMMIT.
         """
-        query = sql.Composed([self._begin_one, statement, _COMMIT_ONE])
+        query = sql.Composed([self._begin_one, statement, self._commit_one])
         return await self._within_deadline(self._write_one(query))
 
     async def _write_one(self, query: sql.Composed) -> DictRow | None:

@@ -139,7 +139,7 @@ class PrometheusPoolObserver:
         DB_DEADLINE_EXCEEDED.inc()
 
 
-def record_pool_stats(pool: AsyncConnectionPool[Any], queued: int = 0) -> None:
+def record_pool_stats(pool: AsyncConnectionPool[Any], queued: int) -> None:
     """Copy one snapshot of the pool's statistics into the metrics.
 
     `pop_stats` resets the pool's counters, so each call adds what happened since the
@@ -161,9 +161,12 @@ def record_pool_stats(pool: AsyncConnectionPool[Any], queued: int = 0) -> None:
 
 
 async def publish_pool_stats(
-    pool: AsyncConnectionPool[Any], interval: float, queued: Callable[[], int] = lambda: 0
+    pool: AsyncConnectionPool[Any], interval: float, queued: Callable[[], int]
 ) -> None:
-    """Record the pool's statistics and the HTTP tally every `interval` s until cancelled."""
+    """Record the pool's statistics and the HTTP tally every `interval` s until cancelled.
+
+    `queued()`: how many requests wait in the worker's CheckoutQueue now.
+    """
     try:
         while True:
             try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from service.budget import Topology, check, environment_topology
+from service.budget import SHARED_LIMITS, Topology, check, environment_topology
 from service.budget import render as render_budget
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -34,16 +34,6 @@ ENV_EXAMPLE = REPO / ".env.example"
 _VARIABLE = re.compile(
     r"\$(?:(?P<escaped>\$)|(?P<plain>[A-Za-z_][A-Za-z0-9_]*)"
     r"|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<word>[^}]*))?\})"
-)
-
-BUDGET_NAMES = (
-    "PGBOUNCER_MAX_CLIENT_CONN",
-    "PGBOUNCER_DEFAULT_POOL_SIZE",
-    "PGBOUNCER_RESERVE_POOL_SIZE",
-    "PGBOUNCER_MAX_DB_CONNECTIONS",
-    "PGBOUNCER_QUERY_WAIT_TIMEOUT",
-    "POSTGRES_MAX_CONNECTIONS",
-    "POSTGRES_SUPERUSER_RESERVED",
 )
 
 
@@ -167,7 +157,7 @@ def problems(model: Mapping[str, Any]) -> list[str]:
         found.append("the replicas must reach PostgreSQL through PgBouncer (VIA_PGBOUNCER)")
     for service in ("pgbouncer", "postgres"):
         theirs = environment(model, service)
-        for name in BUDGET_NAMES:
+        for name in SHARED_LIMITS:
             if name in theirs and theirs[name] != api.get(name):
                 found.append(
                     f"{service} runs with {name}={theirs[name]} but the replicas' guard"

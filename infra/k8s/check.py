@@ -36,6 +36,7 @@ import yaml
 
 from infra.docker.compose import pool_mode_problems
 from service.budget import (
+    SHARED_LIMITS,
     AppShape,
     BouncerLimits,
     Budget,
@@ -55,16 +56,6 @@ OVERLAYS = REPO / "k8s" / "overlays"
 PGBOUNCER_INI = INFRA / "pgbouncer" / "pgbouncer.ini"
 # SIGTERM became the draining shutdown (SHUTDOWN WAIT_FOR_CLIENTS) in PgBouncer 1.23.
 DRAINING_SIGTERM_SINCE = (1, 23)
-
-BUDGET_NAMES = (
-    "PGBOUNCER_MAX_CLIENT_CONN",
-    "PGBOUNCER_DEFAULT_POOL_SIZE",
-    "PGBOUNCER_RESERVE_POOL_SIZE",
-    "PGBOUNCER_MAX_DB_CONNECTIONS",
-    "PGBOUNCER_QUERY_WAIT_TIMEOUT",
-    "POSTGRES_MAX_CONNECTIONS",
-    "POSTGRES_SUPERUSER_RESERVED",
-)
 
 
 class KubectlMissing(RuntimeError):
@@ -277,7 +268,7 @@ def budget_problems(docs: list[Manifest]) -> list[str]:
             theirs = container_env(docs, find(docs, kind, name), item)
         except LookupError:
             continue
-        for var in BUDGET_NAMES:
+        for var in SHARED_LIMITS:
             if var in theirs and theirs[var] != api.get(var):
                 found.append(
                     f"{kind} {name} runs with {var}={theirs[var]} but the API's guard checks"
