@@ -3,6 +3,12 @@
 Rules for PgBouncer in transaction mode (see DESIGN.md): no server-side prepared
 statements (`prepare_threshold=None`), no session state (only `SET LOCAL`), reads are
 one autocommit statement (one round trip), writes run in an explicit transaction.
+
+With prepared statements off, reads bind their values on the client: psycopg's
+`AsyncClientCursor` quotes each value with its adapters (never by pasting text) and
+sends the statement as one simple-protocol Query message. Server-side binding would
+send Parse, Bind, Describe, Execute and Sync for a statement that is parsed again every
+time anyway; PostgreSQL and PgBouncer spend less on the one message.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection, BaseConnection, sql
+from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, BaseConnection, sql
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
@@ -154,6 +160,10 @@ class Database:
         self.per_request = settings.connection_strategy == "per-request"
         self.deadline = settings.db_deadline
         self.observer = observer or NullPoolObserver()
+        # Reads bind client-side unless statements may be prepared (module docstring).
+        self.client_binding = (
+            self.per_request or prepare_threshold(settings, DeploymentSettings()) is None
+        )
         # Requests wait for a connection here, not in the pool's own queue (see there).
         self.queue = CheckoutQueue(pool.max_size, settings.pool_max_waiting, pool.timeout)
         # Calls past their deadline, still cancelling in the background (see _bounded);
@@ -256,11 +266,17 @@ class Database:
         async with self._connection() as conn:
             return await run(conn)
 
+    def _read_cursor(self, conn: Connection) -> AsyncCursor[DictRow]:
+        """A cursor for one read: client-side binding unless statements may be prepared."""
+        if self.client_binding:
+            return AsyncClientCursor(conn, row_factory=dict_row)
+        return conn.cursor()
+
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
         """Run one read statement in autocommit and return its first row."""
 
         async def run(conn: Connection) -> DictRow | None:
-            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            cur = await self._read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
             return await cur.fetchone()
 
         return await self._read(run)
@@ -269,7 +285,7 @@ class Database:
         """Run one read statement in autocommit and return all its rows."""
 
         async def run(conn: Connection) -> list[DictRow]:
-            cur = await conn.execute(query, params)  # type: ignore[arg-type]
+            cur = await self._read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
             return await cur.fetchall()
 
         return await self._read(run)

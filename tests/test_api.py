@@ -163,3 +163,25 @@ def test_unknown_route_is_problem_json(client: httpx.Client) -> None:
 def test_health_endpoints(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_the_openapi_document_keeps_every_route_with_its_tags(client: httpx.Client) -> None:
+    """The app takes its routers' routes directly (service/app.py); each keeps its tags."""
+    paths = client.get("/openapi.json").json()["paths"]
+    tags = {
+        (path, method.upper()): operation["tags"]
+        for path, operations in paths.items()
+        for method, operation in operations.items()
+    }
+    assert tags == {
+        ("/healthz", "GET"): ["health"],
+        ("/readyz", "GET"): ["health"],
+        ("/items", "POST"): ["items"],
+        ("/items", "GET"): ["items"],
+        ("/items/{item_id}", "GET"): ["items"],
+        ("/items/{item_id}", "PATCH"): ["items"],
+        ("/items/{item_id}", "DELETE"): ["items"],
+        ("/visits", "POST"): ["visits"],
+        ("/visits/count", "GET"): ["visits"],
+    }
+    assert "503" in paths["/items/{item_id}"]["get"]["responses"]  # the router's responses
