@@ -187,12 +187,17 @@ class Database:
         try:
             async with self.queue.slot():
                 left = self.queue.timeout - (time.perf_counter() - started)
-                async with self.pool.connection(timeout=left) as conn:
-                    self.observer.acquired(time.perf_counter() - started)
-                    try:
-                        yield conn
-                    finally:
-                        conn.returned_at = time.monotonic()
+                # getconn/putconn, not pool.connection(): that one also commits on the
+                # way out, a no-op here (reads autocommit, writes end their transaction)
+                # that still takes the connection's lock. putconn rolls back anything
+                # left open, and discards a broken connection.
+                conn = await self.pool.getconn(timeout=left)
+                self.observer.acquired(time.perf_counter() - started)
+                try:
+                    yield conn
+                finally:
+                    conn.returned_at = time.monotonic()
+                    await self.pool.putconn(conn)
         except PoolTimeout:
             self.observer.timed_out()
             raise
