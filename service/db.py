@@ -19,9 +19,9 @@ import logging
 import os
 import select
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, BaseConnection, sql
@@ -172,9 +172,9 @@ class Database:
         self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
             sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
         )
-        # write_one's frame, built once: BEGIN; SET LOCAL ...; <statement>; COMMIT
-        self._begin_one = sql.SQL("BEGIN; {}; ").format(self._set_statement_timeout)
-        self._commit_one = sql.SQL("; COMMIT")
+        # write_one's text, built once per statement: BEGIN; SET LOCAL ...; <it>; COMMIT
+        self._begin_one = b"BEGIN; %s; " % self._set_statement_timeout.as_bytes(None)
+        self._framed: dict[str, bytes] = {}
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
@@ -312,23 +312,28 @@ class Database:
             await conn.execute(self._set_statement_timeout)
             return await work(conn)
 
-    async def write_one(self, statement: sql.Composable) -> DictRow | None:
+    async def write_one(self, statement: LiteralString, params: Sequence[Any]) -> DictRow | None:
         """One write statement in its own transaction, in a single round trip.
 
         BEGIN, SET LOCAL statement_timeout, the statement and COMMIT travel as one
-        simple-protocol query: PostgreSQL runs them in order and stops at the first
-        error, leaving nothing committed. The statement must carry its values as
-        `sql.Literal`s (the simple protocol has no parameters). Use `transaction` when
-        the code must decide something before COMMIT.
+        simple-protocol Query message, its values bound client-side (AsyncClientCursor:
+        the simple protocol has no parameters). PostgreSQL runs them in order and stops
+        at the first error, leaving nothing committed. Use `transaction` when the code
+        must decide something before COMMIT.
         """
-        query = sql.Composed([self._begin_one, statement, self._commit_one])
-        return await self._within_deadline(self._write_one(query))
+        framed = self._framed.get(statement)
+        if framed is None:  # statements are the constants of service/sql.py: a few
+            framed = self._framed[statement] = b"%s%s; COMMIT" % (
+                self._begin_one,
+                statement.encode(),
+            )
+        return await self._within_deadline(self._write_one(framed, params))
 
-    async def _write_one(self, query: sql.Composed) -> DictRow | None:
+    async def _write_one(self, query: bytes, params: Sequence[Any]) -> DictRow | None:
         async with self._connection() as conn:
-            cur = conn.cursor()
+            cur = AsyncClientCursor(conn, row_factory=dict_row)
             try:
-                await cur.execute(query)
+                await cur.execute(query, params)
             except psycopg.Error:
                 if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
                     with contextlib.suppress(psycopg.Error):

@@ -5,8 +5,6 @@ Plain parameterised statements: no session state, nothing prepared on the server
 
 from typing import LiteralString
 
-from psycopg import sql
-
 GET_ITEM: LiteralString = """
     SELECT id, name, description, visits, created_at, updated_at
     FROM items WHERE id = %s
@@ -37,16 +35,3 @@ RECORD_VISIT: LiteralString = """
 """
 COUNT_VISITS: LiteralString = "SELECT count(*) AS count FROM visits"
 COUNT_ITEM_VISITS: LiteralString = "SELECT count(*) AS count FROM visits WHERE item_id = %s"
-
-
-_RECORD_VISIT_AROUND_ID = [sql.SQL(part) for part in RECORD_VISIT.split("%s")]
-
-
-def record_visit(item_id: int) -> sql.Composed:
-    """RECORD_VISIT with its value inlined as a literal, for a one-round-trip write.
-
-    The text is split around its placeholder once, at import: `sql.SQL.format` would
-    parse it again on every request.
-    """
-    before, after = _RECORD_VISIT_AROUND_ID
-    return sql.Composed([before, sql.Literal(item_id), after])

@@ -33,7 +33,7 @@ async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey 
     if key is None:
         # The common case: one round trip. A missing item makes the UPDATE match no
         # row, so the INSERT has nothing to insert and the transaction commits nothing.
-        row = await db.write_one(sql.record_visit(body.item_id))
+        row = await db.write_one(sql.RECORD_VISIT, (body.item_id,))
         if row is None:
             raise InvalidReference("body.item_id", "no item with this id")
         return JSONBytes(VISIT_JSON.dump_json(row), status_code=201)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Reads bind their values on the client, as one simple-protocol message, and safely.
+"""Reads and one-statement writes bind their values on the client, as one
+simple-protocol message, and safely.
 
 Each test runs the service's own Database on a pool of one connection and records that
 connection's protocol messages with libpq's trace.
@@ -71,6 +72,23 @@ def test_a_read_through_pgbouncer_is_one_query_message(
     assert row["id"] == 1
     reads = [name for name in sent if name != "Terminate"]
     assert reads == ["Query"], sent  # not Parse, Bind, Describe, Execute, Sync
+
+
+def test_a_visit_is_one_query_message_with_its_transaction(
+    databases: Databases, tmp_path: Path
+) -> None:
+    row, sent = traced(
+        one_connection(databases.pooled_url),
+        tmp_path / "trace",
+        lambda db: db.write_one(sql.RECORD_VISIT, (1,)),
+    )
+    assert row is not None
+    assert row["item_id"] == 1
+    assert [name for name in sent if name != "Terminate"] == ["Query"], sent
+    text = (tmp_path / "trace").read_text()
+    assert "BEGIN; SET LOCAL statement_timeout" in text
+    assert "WHERE id = 1 " in text  # the value, bound client-side
+    assert '; COMMIT"' in text  # the end of the one message
 
 
 def test_client_side_binding_quotes_every_value(databases: Databases, tmp_path: Path) -> None:
