@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pytest
 from psycopg import pq
+from psycopg.rows import DictRow
 
 from service import sql
 from service.db import Database, create_pool, open_pool
@@ -60,35 +61,37 @@ def one_connection(url: str, **settings: object) -> Settings:
     return Settings(database_url=url, pool_min=1, pool_max=1, **settings)  # type: ignore[arg-type]
 
 
-def test_a_read_through_pgbouncer_is_one_query_message(
-    databases: Databases, tmp_path: Path
-) -> None:
-    row, sent = traced(
-        one_connection(databases.pooled_url),
-        tmp_path / "trace",
-        lambda db: db.fetch_one(sql.GET_ITEM, (1,)),
-    )
-    assert row is not None
-    assert row["id"] == 1
-    reads = [name for name in sent if name != "Terminate"]
-    assert reads == ["Query"], sent  # not Parse, Bind, Describe, Execute, Sync
+async def read_item(db: Database) -> DictRow | None:
+    return await db.fetch_one(sql.GET_ITEM, (1,))
 
 
-def test_a_visit_is_one_query_message_with_its_transaction(
-    databases: Databases, tmp_path: Path
+async def record_visit(db: Database) -> DictRow | None:
+    return await db.write_one(sql.RECORD_VISIT, (1,))
+
+
+@pytest.mark.parametrize(
+    ("call", "column", "texts"),
+    [
+        (read_item, "id", ["WHERE id = 1\n"]),
+        (record_visit, "item_id", ["BEGIN; SET LOCAL statement_timeout", "id = 1 ", '; COMMIT"']),
+    ],
+    ids=["read", "write"],
+)
+def test_a_statement_through_pgbouncer_is_one_query_message(
+    databases: Databases,
+    tmp_path: Path,
+    call: Callable[[Database], Awaitable[DictRow | None]],
+    column: str,
+    texts: list[str],
 ) -> None:
-    row, sent = traced(
-        one_connection(databases.pooled_url),
-        tmp_path / "trace",
-        lambda db: db.write_one(sql.RECORD_VISIT, (1,)),
-    )
+    """Not Parse, Bind, Describe, Execute and Sync; a write's transaction travels along."""
+    row, sent = traced(one_connection(databases.pooled_url), tmp_path / "trace", call)
     assert row is not None
-    assert row["item_id"] == 1
-    assert [name for name in sent if name != "Terminate"] == ["Query"], sent
-    text = (tmp_path / "trace").read_text()
-    assert "BEGIN; SET LOCAL statement_timeout" in text
-    assert "WHERE id = 1 " in text  # the value, bound client-side
-    assert '; COMMIT"' in text  # the end of the one message
+    assert row[column] == 1
+    assert sent == ["Query"]
+    message = (tmp_path / "trace").read_text()
+    for text in texts:  # the value is in the text: bound client-side
+        assert text in message
 
 
 def test_client_side_binding_quotes_every_value(databases: Databases, tmp_path: Path) -> None:
