@@ -169,11 +169,14 @@ class Database:
         # Calls past their deadline, still cancelling in the background (see _bounded);
         # held here so they are not garbage-collected half-way.
         self._abandoned: set[asyncio.Future[Any]] = set()
-        self._set_statement_timeout = sql.SQL("SET LOCAL statement_timeout = {}").format(
-            sql.Literal(f"{int(settings.statement_timeout * 1000)}ms")
+        # Rendered once: every transaction and every write_one sends it.
+        self._set_statement_timeout = (
+            sql.SQL("SET LOCAL statement_timeout = {}")
+            .format(sql.Literal(f"{int(settings.statement_timeout * 1000)}ms"))
+            .as_bytes(None)
         )
         # write_one's text, built once per statement: BEGIN; SET LOCAL ...; <it>; COMMIT
-        self._begin_one = b"BEGIN; %s; " % self._set_statement_timeout.as_bytes(None)
+        self._begin_one = b"BEGIN; %s; " % self._set_statement_timeout
         self._framed: dict[str, bytes] = {}
 
     @asynccontextmanager

@@ -212,8 +212,9 @@ class TalliedHistogram:
                 bucket.inc(count)
 
 
-class HTTPTally:
-    """This worker's request counts, latencies and in-flight number, kept in plain Python.
+class WorkerTally:
+    """This worker's request counts, in-flight number and latencies (HTTP and checkout
+    waits), kept in plain Python.
 
     Each multiprocess metric update is a locked write into a shared file; doing them
     per request cost about 15% of GET /items/{id}'s throughput at first; the two
@@ -246,7 +247,7 @@ class HTTPTally:
             tally.flush()
 
 
-TALLY = HTTPTally()
+TALLY = WorkerTally()
 
 
 class HTTPMetrics:

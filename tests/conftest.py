@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
 from infra.localstack.config import REPO
@@ -168,6 +169,14 @@ def stopped(bouncer: PgBouncer) -> Iterator[None]:
         yield
     finally:
         bouncer.start()
+
+
+def metric_samples(url: str, name: str) -> dict[str, float]:
+    """pid -> value of one gauge on a replica's metrics port."""
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        if family.name == name:
+            return {s.labels["pid"]: s.value for s in family.samples}
+    return {}
 
 
 def make_items(base_url: str, count: int) -> list[int]:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from infra.localstack import procs
 from infra.localstack.config import StackSettings
 from infra.localstack.stack import Stack
-from tests.conftest import Databases, StartService
+from tests.conftest import Databases, StartService, metric_samples
 from tests.test_observability import DASHBOARDS, panels
 
 RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape, ...))
@@ -188,14 +188,6 @@ def test_replica_metrics_show_each_worker_moving_with_load(scraped: Stack) -> No
     assert peak > 0, "under load some connections must be in use"
     max_total = sum(s.value for s in families["pgscale_pool_max_connections"].samples)
     assert max_total == 2 * 3  # W x POOL_MAX
-
-
-def metric_samples(url: str, name: str) -> dict[str, float]:
-    """pid -> value of one gauge on a replica's metrics port."""
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        if family.name == name:
-            return {s.labels["pid"]: s.value for s in family.samples}
-    return {}
 
 
 def test_two_workers_pool_gauges_are_visible_and_sum(

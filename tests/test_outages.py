@@ -96,8 +96,5 @@ def test_a_connection_whose_server_hung_up_is_seen_without_a_round_trip(
     with psycopg.connect(own_bouncer.app_conninfo(APP), autocommit=True) as conn:
         conn.execute("SELECT 1").fetchone()
         assert not spoke_unasked(conn)
-        own_bouncer.stop()
-        try:
+        with stopped(own_bouncer):
             assert procs.wait_until(lambda: spoke_unasked(conn), 5)
-        finally:
-            own_bouncer.start()

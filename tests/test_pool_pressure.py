@@ -11,10 +11,9 @@ from contextlib import contextmanager
 import httpx
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack.replicas import Replica
-from tests.conftest import Databases, StartService, make_items
+from tests.conftest import Databases, StartService, make_items, metric_samples
 
 POOL_TIMEOUT = 0.5
 DEADLINE = 3.0
@@ -149,9 +148,8 @@ def test_requests_queued_for_a_connection_show_in_the_waiting_gauge(
         waiting = [pool.submit(http.get, f"/items/{item}") for _ in range(4)]
         deadline = time.monotonic() + 1.2
         while time.monotonic() < deadline:
-            for family in text_string_to_metric_families(httpx.get(replica.metrics_url).text):
-                if family.name == "pgscale_pool_requests_waiting":
-                    seen.append(sum(s.value for s in family.samples))
+            waiting_now = metric_samples(replica.metrics_url, "pgscale_pool_requests_waiting")
+            seen.append(sum(waiting_now.values()))
             time.sleep(0.1)
         statuses = [f.result().status_code for f in waiting]
     assert max(seen) == 3, seen  # one request holds the connection, three queue
