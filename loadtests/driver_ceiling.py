@@ -27,7 +27,12 @@ from service import sql
 
 async def _client(url: str, until: float, latencies: list[float], ids: int) -> None:
     async with await psycopg.AsyncConnection.connect(
-        url, autocommit=True, prepare_threshold=None, row_factory=dict_row
+        url,
+        autocommit=True,
+        prepare_threshold=None,
+        row_factory=dict_row,
+        # As the service reads behind PgBouncer: values bound client-side (service/db.py).
+        cursor_factory=psycopg.AsyncClientCursor,
     ) as conn:
         while (started := time.perf_counter()) < until:
             cur = await conn.execute(sql.GET_ITEM, (random.randint(1, ids),))
