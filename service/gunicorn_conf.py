@@ -10,6 +10,7 @@ it dies.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -75,6 +76,20 @@ def on_starting(server: Any) -> None:
     except (BudgetExceeded, PreparedStatementsUnsafe) as exc:
         raise SystemExit(str(exc)) from None
     server.log.info("%s", describe_prepared_statements(threshold, deployment))
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """Freeze what the master has built (the preloaded app) out of the workers' GC.
+
+    Without it every full collection in a worker walks the whole imported app, some
+    hundreds of thousands of objects that never die: `make bench` measured about 25 ms
+    per collection, several a second per worker under load, each one a stall of every
+    request in flight on that worker (most of GET /items/{id}'s p99). Frozen objects
+    are never examined again, so a full collection walks only what the worker made
+    itself, and the shared pages are not written to (gc.freeze's documented use before
+    fork).
+    """
+    gc.freeze()
 
 
 def when_ready(server: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -121,3 +122,26 @@ def test_the_service_logs_which_prepared_statement_mode_it_chose(
         (item,) = make_items(direct.url, 1)
         assert [http.get(f"/items/{item}").status_code for _ in range(20)] == [200] * 20
     assert "prepared statements on after 5 runs (direct to PostgreSQL)" in direct.log.read_text()
+
+
+def test_the_preloaded_app_is_frozen_out_of_the_workers_collections() -> None:
+    """A worker's full GC must not walk the imported app (tens of ms per collection)."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import gc, service.gunicorn_conf as conf, service.asgi;"
+            " before = len(gc.get_objects(2)); conf.pre_fork(None, None);"
+            " print(before, gc.get_freeze_count(), len(gc.get_objects(2)))",
+        ],
+        env={**os.environ, "METRICS_ENABLED": "false"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    before, frozen, after = map(int, probe.stdout.split())
+    assert frozen >= before > 50_000  # the app's objects, now out of reach of the GC
+    assert after < 1_000
