@@ -2,8 +2,10 @@
 
 For every cell of WORKERS_GRID x REPLICAS_GRID (fixed POOL_MAX) it reshapes a private
 local stack, runs the read-heavy Locust scenario headless with enough users to keep
-every pool full, samples PgBouncer and PostgreSQL once a second (the sampler plugin),
-and compares what it measured with service/budget.py's prediction. Then the same grid
+every pool full (with coalescing off, COALESCE_MAX=1, so that every queued request
+needs a connection of its own: the peak the budget is for), samples PgBouncer and
+PostgreSQL once a second (the sampler plugin), and compares what it measured with
+service/budget.py's prediction. Then the same grid
 with the replicas pointed straight at PostgreSQL and a deliberately small
 max_connections: the cells the budget says cannot fit must fail, the others must not.
 
@@ -259,7 +261,17 @@ def judge(cell: Cell, budget: Budget) -> tuple[str, bool]:
 def run_cell(
     stack_settings: StackSettings, mode: str, workers: int, replicas: int, plan: Plan, out: Path
 ) -> Cell:
-    os.environ.update({"WORKERS": str(workers), "POOL_MIN": "1", "POOL_MAX": str(plan.pool_max)})
+    os.environ.update(
+        {
+            "WORKERS": str(workers),
+            "POOL_MIN": "1",
+            "POOL_MAX": str(plan.pool_max),
+            # Coalescing off: every queued request needs a connection of its own, so the
+            # pools grow to POOL_MAX, the peak the budget must hold. (Coalesced, requests
+            # that queue together share one, and the same load fills fewer.)
+            "COALESCE_MAX": "1",
+        }
+    )
     settings = stack_settings.model_copy(
         update={"replicas": replicas, "via_pgbouncer": mode == "pgbouncer"}
     )

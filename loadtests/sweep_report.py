@@ -100,10 +100,10 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         "# Workers x replicas sweep",
         "",
         f"Grid: workers {list(plan.workers)} x replicas {list(plan.replicas)}, POOL_MAX"
-        f" {plan.pool_max} (through PgBouncer a fixed pool, POOL_MIN = POOL_MAX; direct,"
-        f" POOL_MIN 1 so that overflowing replicas still boot), {plan.duration} s of the"
-        " read-heavy scenario per cell"
-        " with 5 users per pooled connection. PgBouncer cells: default_pool_size"
+        f" {plan.pool_max} (POOL_MIN 1: the pools grow under load, and overflowing direct"
+        " replicas still boot; coalescing off, COALESCE_MAX 1, so that every queued request"
+        f" needs a connection of its own), {plan.duration} s of the read-heavy scenario per"
+        " cell with 5 users per pooled connection. PgBouncer cells: default_pool_size"
         f" {plan.pgbouncer_pool_size}, no reserve. Direct cells: PostgreSQL with max_connections"
         f" {plan.direct_max_connections}.",
         "",

@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 from typing import TypedDict
 
 from fastapi import FastAPI
+from psycopg.rows import DictRow
 
 from service.bodylimit import BodySizeLimit
+from service.coalesce import Coalescer
 from service.db import Database, create_pool, open_pool
 from service.errors import install_error_handlers
 from service.metrics import (
@@ -29,6 +31,8 @@ logger = logging.getLogger("service")
 
 class State(TypedDict):
     db: Database
+    item_reads: Coalescer[int, DictRow | None]
+    visit_writes: Coalescer[int, DictRow | None]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -51,7 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         try:
-            yield {"db": db}
+            yield {
+                "db": db,
+                "item_reads": items.items_by_id(db),
+                "visit_writes": visits.visits_recorded(db),
+            }
         finally:
             if publisher is not None:
                 publisher.cancel()

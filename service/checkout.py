@@ -35,11 +35,21 @@ class CheckoutQueue:
         every request's path, and a generator-based one costs more.)"""
         return self
 
+    @property
+    def busy(self) -> bool:
+        """No slot is free now: all are taken, or others already wait for one."""
+        return self._slots.locked()
+
+    def admit(self) -> None:
+        """Count one more request waiting, or refuse it (TooManyRequests) when
+        POOL_MAX_WAITING already wait. Whoever admits one takes it off `waiting`."""
+        if self.max_waiting and self.waiting >= self.max_waiting:
+            raise TooManyRequests(f"{self.waiting} requests already waiting")
+        self.waiting += 1
+
     async def __aenter__(self) -> None:
         if self._slots.locked():  # all taken, or others already waiting: queue, in turn
-            if self.max_waiting and self.waiting >= self.max_waiting:
-                raise TooManyRequests(f"{self.waiting} requests already waiting")
-            self.waiting += 1
+            self.admit()
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._slots.acquire()

@@ -19,7 +19,7 @@ import logging
 import os
 import select
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, LiteralString, TypeVar
 
@@ -30,6 +30,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from service.checkout import CheckoutQueue
+from service.coalesce import Coalescer, Many, One, Runs
 from service.errors import DatabaseDeadline
 from service.metrics import NullPoolObserver, PoolObserver
 from service.prepared import describe_prepared_statements, prepare_threshold
@@ -38,6 +39,8 @@ from service.settings import DeploymentSettings, Settings
 logger = logging.getLogger("service.db")
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
 
 
 class Connection(AsyncConnection[DictRow]):
@@ -180,7 +183,7 @@ class Database:
         self._framed: dict[str, bytes] = {}
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
+    async def _connection(self, observer: PoolObserver) -> AsyncIterator[Connection]:
         """A pooled connection, with the checkout timed and its failures counted."""
         if self.per_request:
             async with await self._connect() as conn:
@@ -195,17 +198,17 @@ class Database:
                 # that still takes the connection's lock. putconn rolls back anything
                 # left open, and discards a broken connection.
                 conn = await self.pool.getconn(timeout=left)
-                self.observer.acquired(time.perf_counter() - started)
+                observer.acquired(time.perf_counter() - started)
                 try:
                     yield conn
                 finally:
                     conn.returned_at = time.monotonic()
                     await self.pool.putconn(conn)
         except PoolTimeout:
-            self.observer.timed_out()
+            observer.timed_out()
             raise
         except TooManyRequests:
-            self.observer.rejected()
+            observer.rejected()
             raise
 
     async def _bounded(self, call: Coroutine[Any, Any, T], seconds: float) -> T:
@@ -250,31 +253,52 @@ class Database:
         if not task.cancelled():
             task.exception()  # retrieved: the request was answered already
 
-    async def _within_deadline(self, call: Coroutine[Any, Any, T]) -> T:
+    async def _within_deadline(self, call: Coroutine[Any, Any, T], observer: PoolObserver) -> T:
         try:
             return await self._bounded(call, self.deadline)
         except TimeoutError as exc:
-            self.observer.deadline_exceeded()
+            observer.deadline_exceeded()
             raise DatabaseDeadline from exc
 
-    async def _read(self, run: Callable[[Connection], Awaitable[T]]) -> T:
-        """One read statement in autocommit, repeated once if its connection was dead."""
-        return await self._within_deadline(self._read_once_or_twice(run))
+    async def read(
+        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver | None = None
+    ) -> T:
+        """`run` one read statement in autocommit on a pooled connection, within
+        DB_DEADLINE; repeated once, on another connection, if its connection was dead.
 
-    async def _read_once_or_twice(self, run: Callable[[Connection], Awaitable[T]]) -> T:
+        `observer`: who hears of the checkout (a coalesced batch reports per request).
+        """
+        observer = observer or self.observer
+        return await self._within_deadline(self._read_once_or_twice(run, observer), observer)
+
+    async def _read_once_or_twice(
+        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver
+    ) -> T:
         used: Connection | None = None
         try:
-            async with self._connection() as conn:
+            async with self._connection(observer) as conn:
                 used = conn
                 return await run(conn)
         except psycopg.OperationalError:
             if used is None or not used.broken:
                 raise  # the query failed, not the connection: report it
             logger.info("connection of %r found dead by a read: repeating it", self.pool.name)
-        async with self._connection() as conn:
+        async with self._connection(observer) as conn:
             return await run(conn)
 
-    def _read_cursor(self, conn: Connection) -> AsyncCursor[DictRow]:
+    async def write(
+        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver | None = None
+    ) -> T:
+        """`run` a write on a pooled connection, within DB_DEADLINE; never repeated
+        (`run` ends its own transaction: see `run_framed`)."""
+        observer = observer or self.observer
+        return await self._within_deadline(self._once(run, observer), observer)
+
+    async def _once(self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver) -> T:
+        async with self._connection(observer) as conn:
+            return await run(conn)
+
+    def read_cursor(self, conn: Connection) -> AsyncCursor[DictRow]:
         """A cursor for one read: client-side binding unless statements may be prepared."""
         if self.client_binding:
             return AsyncClientCursor(conn, row_factory=dict_row)
@@ -284,19 +308,19 @@ class Database:
         """Run one read statement in autocommit and return its first row."""
 
         async def run(conn: Connection) -> DictRow | None:
-            cur = await self._read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
+            cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
             return await cur.fetchone()
 
-        return await self._read(run)
+        return await self.read(run)
 
     async def fetch_all(self, query: sql.Composable | str, params: Any = None) -> list[DictRow]:
         """Run one read statement in autocommit and return all its rows."""
 
         async def run(conn: Connection) -> list[DictRow]:
-            cur = await self._read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
+            cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
             return await cur.fetchall()
 
-        return await self._read(run)
+        return await self.read(run)
 
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` in one explicit transaction with a statement timeout set LOCAL.
@@ -304,25 +328,39 @@ class Database:
         Its connection is tested at checkout (CheckAndSweep), and it is never repeated.
         Pipeline mode sends BEGIN, SET LOCAL and the first statements together.
         """
-        return await self._within_deadline(self._transaction(work))
+        return await self.write(self._transaction(work))
 
-    async def _transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
-        async with (
-            self._connection() as conn,
-            conn.pipeline(),
-            conn.transaction(),
-        ):
-            await conn.execute(self._set_statement_timeout)
-            return await work(conn)
+    def _transaction(
+        self, work: Callable[[Connection], Awaitable[T]]
+    ) -> Callable[[Connection], Awaitable[T]]:
+        async def run(conn: Connection) -> T:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(self._set_statement_timeout)
+                return await work(conn)
+
+        return run
 
     async def write_one(self, statement: LiteralString, params: Sequence[Any]) -> DictRow | None:
-        """One write statement in its own transaction, in a single round trip.
+        """One write statement in its own transaction, in a single round trip: the
+        first row it returns, if any (see `run_framed`)."""
 
-        BEGIN, SET LOCAL statement_timeout, the statement and COMMIT travel as one
-        simple-protocol Query message, its values bound client-side (AsyncClientCursor:
-        the simple protocol has no parameters). PostgreSQL runs them in order and stops
-        at the first error, leaving nothing committed. Use `transaction` when the code
-        must decide something before COMMIT.
+        async def run(conn: Connection) -> list[DictRow]:
+            return await self.run_framed(conn, statement, params)
+
+        rows = await self.write(run)
+        return rows[0] if rows else None
+
+    async def run_framed(
+        self, conn: Connection, statement: LiteralString, params: Sequence[Any]
+    ) -> list[DictRow]:
+        """`statement` in its own transaction on `conn`, in one round trip: the rows of
+        its last statement that returns rows (a SELECT, or a RETURNING clause).
+
+        BEGIN, SET LOCAL statement_timeout, the statement (one, or several separated by
+        semicolons) and COMMIT travel as one simple-protocol Query message, its values
+        bound client-side (AsyncClientCursor: the simple protocol has no parameters).
+        PostgreSQL runs them in order and stops at the first error, leaving nothing
+        committed. Use `transaction` when the code must decide something before COMMIT.
         """
         framed = self._framed.get(statement)
         if framed is None:  # statements are the constants of service/sql.py: a few
@@ -330,24 +368,36 @@ class Database:
                 self._begin_one,
                 statement.encode(),
             )
-        return await self._within_deadline(self._write_one(framed, params))
+        cur = AsyncClientCursor(conn, row_factory=dict_row)
+        try:
+            await cur.execute(framed, params)
+        except psycopg.Error:
+            if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")  # the failed BEGIN block
+            raise
+        rows: list[DictRow] = []
+        while True:  # results: BEGIN, SET, the statement(s), COMMIT
+            if cur.pgresult is not None and cur.pgresult.status == ExecStatus.TUPLES_OK:
+                rows = await cur.fetchall()
+            if not cur.nextset():
+                return rows
 
-    async def _write_one(self, query: bytes, params: Sequence[Any]) -> DictRow | None:
-        async with self._connection() as conn:
-            cur = AsyncClientCursor(conn, row_factory=dict_row)
-            try:
-                await cur.execute(query, params)
-            except psycopg.Error:
-                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-                    with contextlib.suppress(psycopg.Error):
-                        await conn.execute("ROLLBACK")  # the failed BEGIN block
-                raise
-            row: DictRow | None = None
-            while True:  # results: BEGIN, SET, the statement, COMMIT
-                if cur.pgresult is not None and cur.pgresult.status == ExecStatus.TUPLES_OK:
-                    row = await cur.fetchone()
-                if not cur.nextset():
-                    return row
+    def coalescer(
+        self, statement: str, runs: Runs, one: One[K, R], many: Many[K, R]
+    ) -> Coalescer[K, R]:
+        """Requests of one kind that queue for this worker's connections together share
+        one statement (service/coalesce.py); `statement` names it in the metrics. Off
+        (every request alone) with COALESCE_MAX=1, and with a connection per request."""
+        return Coalescer(
+            runs,
+            one,
+            many,
+            queue=self.queue,
+            limit=1 if self.per_request else self.settings.coalesce_max,
+            observer=self.observer,
+            sizes=self.observer.statement_sizes(statement),
+        )
 
     async def ping(self, within: float) -> None:
         """`SELECT 1` within `within` seconds, connection checkout included."""

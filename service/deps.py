@@ -6,7 +6,9 @@ fifth of a worker's CPU on `GET /items/{id}` for what is one attribute lookup.
 """
 
 from fastapi import Request
+from psycopg.rows import DictRow
 
+from service.coalesce import Coalescer
 from service.db import Database
 from service.settings import Settings
 
@@ -15,6 +17,18 @@ def database(request: Request) -> Database:
     """The worker's Database, set up by the app's lifespan."""
     db: Database = request.state.db
     return db
+
+
+def item_reads(request: Request) -> Coalescer[int, DictRow | None]:
+    """The worker's GET /items/{id} reads, coalesced when they queue together."""
+    reads: Coalescer[int, DictRow | None] = request.state.item_reads
+    return reads
+
+
+def visit_writes(request: Request) -> Coalescer[int, DictRow | None]:
+    """The worker's POST /visits writes without a key, coalesced likewise."""
+    writes: Coalescer[int, DictRow | None] = request.state.visit_writes
+    return writes
 
 
 def app_settings(request: Request) -> Settings:

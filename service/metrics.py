@@ -74,6 +74,13 @@ POOL_CONNECTIONS_LOST = Counter(
     "pgscale_pool_connections_lost",
     "Connections found broken at checkout (and replaced).",
 )
+STATEMENT_REQUESTS = Histogram(
+    "pgscale_db_requests_per_statement",
+    "Requests one statement served: 1 for a request that ran alone, more for requests"
+    " that queued for a connection together and shared it (service/coalesce.py).",
+    ["statement"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 POOL_BAD_RETURNS = Counter(
     "pgscale_pool_bad_returns",
     "Connections returned to the pool in a bad state (and discarded).",
@@ -106,10 +113,14 @@ class PoolObserver(Protocol):
     def timed_out(self) -> None: ...
     def rejected(self) -> None: ...
     def deadline_exceeded(self) -> None: ...
+    def statement_sizes(self, statement: str) -> TalliedHistogram | None: ...
 
 
 class NullPoolObserver:
     """Metrics off."""
+
+    def statement_sizes(self, statement: str) -> TalliedHistogram | None:
+        return None
 
     def acquired(self, seconds: float) -> None:
         pass
@@ -138,6 +149,9 @@ class PrometheusPoolObserver:
 
     def deadline_exceeded(self) -> None:
         DB_DEADLINE_EXCEEDED.inc()
+
+    def statement_sizes(self, statement: str) -> TalliedHistogram | None:
+        return TALLY.statement_sizes(statement)
 
 
 def record_pool_stats(pool: AsyncConnectionPool[Any], queued: int) -> None:
@@ -213,8 +227,8 @@ class TalliedHistogram:
 
 
 class WorkerTally:
-    """This worker's request counts, in-flight number and latencies (HTTP and checkout
-    waits), kept in plain Python.
+    """This worker's request counts, in-flight number, latencies (HTTP and checkout
+    waits) and requests per coalesced statement, kept in plain Python.
 
     Each multiprocess metric update is a locked write into a shared file; doing them
     per request cost about 15% of GET /items/{id}'s throughput at first; the two
@@ -229,6 +243,7 @@ class WorkerTally:
         self.in_flight = 0
         self._durations: dict[tuple[str, str], TalliedHistogram] = {}
         self.acquire_wait = TalliedHistogram(POOL_ACQUIRE_SECONDS)
+        self._statements: dict[str, TalliedHistogram] = {}
 
     def duration(self, route: str, method: str) -> TalliedHistogram:
         """The latency tally of a route, made once."""
@@ -238,12 +253,20 @@ class WorkerTally:
             tally = self._durations[(route, method)] = TalliedHistogram(series)
         return tally
 
+    def statement_sizes(self, statement: str) -> TalliedHistogram:
+        """The requests-per-statement tally of a coalesced statement, made once."""
+        tally = self._statements.get(statement)
+        if tally is None:
+            series = STATEMENT_REQUESTS.labels(statement)
+            tally = self._statements[statement] = TalliedHistogram(series)
+        return tally
+
     def flush(self) -> None:
         pending, self.requests = self.requests, Counter_()
         for (route, method, status), count in pending.items():
             HTTP_REQUESTS.labels(route, method, status).inc(count)
         HTTP_IN_FLIGHT.set(self.in_flight)
-        for tally in (*self._durations.values(), self.acquire_wait):
+        for tally in (*self._durations.values(), self.acquire_wait, *self._statements.values()):
             tally.flush()
 
 

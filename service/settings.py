@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         default="pool",
         description="`per-request` opens a connection per request: a benchmark baseline only.",
     )
+    coalesce_max: int = Field(
+        default=64,
+        ge=1,
+        description="Most requests that queue together one shared statement serves (1: off).",
+    )
     pool_check_after_idle: float = Field(
         default=1.0,
         ge=0,

@@ -74,7 +74,10 @@ def test_saturated_pool_answers_503_within_the_wait_then_recovers(
 
         ok = [r for r in results if r[0] == 200]
         refused = [r for r in results if r[0] == 503]
-        assert len(ok) == 2, results  # the two that held the pool's connections
+        # Those that got one of the two connections (alone, or sharing its statement
+        # with a request that arrived in the same turn) waited out the lock.
+        assert len(ok) >= 2, results
+        assert all(elapsed > 1.0 for _, elapsed, _ in ok), results
         assert len(ok) + len(refused) == 8
         for _, elapsed, resp in refused:
             assert resp.headers["retry-after"] == "2"
@@ -136,7 +139,8 @@ def test_deadline_bounds_a_read_stuck_behind_a_lock(tight: Replica, databases: D
 def test_requests_queued_for_a_connection_show_in_the_waiting_gauge(
     start_service: StartService, databases: Databases
 ) -> None:
-    """Queued requests wait in the worker's CheckoutQueue; the gauge must still see them."""
+    """Queued requests wait in the worker's CheckoutQueue, or ride a batch queued there
+    (service/coalesce.py); the gauge must count every one of them."""
     replica = start_service(pool_min=1, pool_max=1, pool_timeout=2, pool_stats_interval=0.2)
     (item,) = make_items(replica.url, 1)
     seen: list[float] = []
@@ -145,8 +149,10 @@ def test_requests_queued_for_a_connection_show_in_the_waiting_gauge(
         locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=1.5),
         ThreadPoolExecutor(max_workers=4) as pool,
     ):
-        waiting = [pool.submit(http.get, f"/items/{item}") for _ in range(4)]
-        deadline = time.monotonic() + 1.2
+        waiting = [pool.submit(http.get, f"/items/{item}")]
+        time.sleep(0.2)  # it holds the one connection, stuck behind the lock
+        waiting += [pool.submit(http.get, f"/items/{item}") for _ in range(3)]
+        deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             waiting_now = metric_samples(replica.metrics_url, "pgscale_pool_requests_waiting")
             seen.append(sum(waiting_now.values()))

@@ -3,11 +3,13 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from psycopg.rows import DictRow
 from pydantic import TypeAdapter
 
 from service import sql
-from service.db import Connection
-from service.deps import app_settings, database
+from service.coalesce import Coalescer
+from service.db import Connection, Database
+from service.deps import app_settings, database, item_reads
 from service.errors import NotFound
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.responses import JSONBytes
@@ -35,6 +37,22 @@ PAGE_JSON = TypeAdapter(ItemPageRows)
 ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id.")]
 
 
+def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
+    """GET /items/{id}: one row by id, or for requests queued together, one
+    `id = ANY(...)` for all of them."""
+
+    async def one(conn: Connection, item_id: int) -> DictRow | None:
+        cur = await db.read_cursor(conn).execute(sql.GET_ITEM, (item_id,))
+        return await cur.fetchone()
+
+    async def many(conn: Connection, item_ids: list[int]) -> list[DictRow | None]:
+        cur = await db.read_cursor(conn).execute(sql.GET_ITEMS, (sorted(set(item_ids)),))
+        found = {row["id"]: row for row in await cur.fetchall()}
+        return [found.get(item_id) for item_id in item_ids]
+
+    return db.coalescer("items by id", db.read, one, many)
+
+
 @router.post("", status_code=201)
 async def create_item(
     body: ItemCreate, request: Request, response: Response, key: IdempotencyKey = None
@@ -56,7 +74,7 @@ async def create_item(
 
 @router.get("/{item_id}", response_model=Item)
 async def get_item(item_id: ItemIdPath, request: Request) -> Response:
-    row = await database(request).fetch_one(sql.GET_ITEM, (item_id,))
+    row = await item_reads(request).load(item_id)
     if row is None:
         raise NotFound("item")
     return JSONBytes(ITEM_JSON.dump_json(row))  # type: ignore[arg-type]

@@ -3,11 +3,13 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from psycopg.rows import DictRow
 from pydantic import TypeAdapter
 
 from service import sql
-from service.db import Connection
-from service.deps import database
+from service.coalesce import Coalescer
+from service.db import Connection, Database
+from service.deps import database, visit_writes
 from service.errors import InvalidReference
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.responses import JSONBytes
@@ -22,6 +24,27 @@ from service.schemas import (
 
 VISIT_JSON = TypeAdapter(VisitRow)
 
+
+def visits_recorded(db: Database) -> Coalescer[int, DictRow | None]:
+    """POST /visits without a key: one visit in its own transaction, or for requests
+    queued together, one transaction for all of them (sql.RECORD_VISITS). Each request
+    gets its own visit, or None when its item does not exist; a batch that fails
+    commits nothing and fails every request in it."""
+
+    async def one(conn: Connection, item_id: int) -> DictRow | None:
+        rows = await db.run_framed(conn, sql.RECORD_VISIT, (item_id,))
+        return rows[0] if rows else None
+
+    async def many(conn: Connection, item_ids: list[int]) -> list[DictRow | None]:
+        rows = await db.run_framed(conn, sql.RECORD_VISITS, (sorted(set(item_ids)), item_ids))
+        by_item: dict[int, list[DictRow]] = {}
+        for row in rows:
+            by_item.setdefault(row["item_id"], []).append(row)
+        return [by_item[i].pop() if by_item.get(i) else None for i in item_ids]
+
+    return db.coalescer("visits", db.write, one, many)
+
+
 router = APIRouter(
     prefix="/visits", tags=["visits"], responses=problem_responses(400, 413, 422, 503)
 )
@@ -33,7 +56,7 @@ async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey 
     if key is None:
         # The common case: one round trip. A missing item makes the UPDATE match no
         # row, so the INSERT has nothing to insert and the transaction commits nothing.
-        row = await db.write_one(sql.RECORD_VISIT, (body.item_id,))
+        row = await visit_writes(request).load(body.item_id)
         if row is None:
             raise InvalidReference("body.item_id", "no item with this id")
         return JSONBytes(VISIT_JSON.dump_json(row), status_code=201)  # type: ignore[arg-type]

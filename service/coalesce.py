@@ -1,0 +1,214 @@
+"""Requests that would queue for a connection anyway share one statement.
+
+Under load every request of a worker queues for one of its few pooled connections
+(service/checkout.py), and then most of what it costs is its own round trip: the
+worker, PgBouncer and PostgreSQL each woken for one short statement, on cores they
+all share. `make bench` put that at about two thirds of GET /items/{id}'s CPU. So a
+request of a coalesced kind (an item read by id; a visit without an Idempotency-Key)
+that arrives while a batch of its kind is waiting for a connection joins that batch,
+and when the batch gets its connection, one statement serves every request in it,
+each getting its own answer back. A request that finds no batch waiting opens one;
+with a connection free, that batch takes it at once, most often holding just that
+request, which then runs the plain one-row statement. So coalescing adds no wait, and
+changes nothing a client can see but the timing.
+
+The bounds stay per request. A request riding a batch counts as waiting, so
+POOL_MAX_WAITING refuses it at once when the queue is full; the batch waits at most
+POOL_TIMEOUT for its connection and runs within DB_DEADLINE, both counted from its
+first request; a batch's failure is every one of its requests' failure (the same
+503). The pool's metrics count requests, not batches. COALESCE_MAX caps a batch; 1
+turns coalescing off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from psycopg_pool import PoolClosed, TooManyRequests
+
+from service.checkout import CheckoutQueue
+from service.metrics import NullPoolObserver, PoolObserver, TalliedHistogram
+
+if TYPE_CHECKING:
+    from service.db import Connection
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Batch(Generic[K, R]):
+    """Requests gathered for one statement: each one's key, and the future it waits on."""
+
+    def __init__(self, queue: CheckoutQueue, observer: PoolObserver) -> None:
+        self.queue = queue
+        self.keys: list[K] = []  # one per request, in arrival order
+        self._futures: list[asyncio.Future[R]] = []
+        self._arrived: list[float] = []
+        self._riders = 0  # requests after the first: counted as waiting by us, not the queue
+        self.closed = False
+        self._each = observer
+        self.observer = _EveryRequest(self, observer)  # for the batch's database call
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def join(self, key: K, *, rider: bool) -> asyncio.Future[R]:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self.keys.append(key)
+        self._futures.append(future)
+        self._arrived.append(time.perf_counter())
+        self._riders += rider
+        return future
+
+    def take(self) -> list[K]:
+        """Close the batch to newcomers: its connection is in hand. The key of each of
+        its requests, in order (the same list however often it is asked)."""
+        if not self.closed:
+            self._close()
+            now = time.perf_counter()
+            for arrived in self._arrived:
+                self._each.acquired(now - arrived)
+        return self.keys
+
+    def resolve(self, answers: Sequence[R]) -> None:
+        """Give each request its answer: `answers` follows `keys`."""
+        if len(answers) != len(self._futures):
+            self.fail(RuntimeError(f"{len(answers)} answers for {len(self._futures)} requests"))
+            return
+        for future, answer in zip(self._futures, answers, strict=True):
+            if not future.done():  # done: the request was cancelled (client gone)
+                future.set_result(answer)
+
+    def fail(self, exc: BaseException) -> None:
+        """Every request of the batch fails as the batch did."""
+        self._close()
+        for future in self._futures:
+            if not future.done():
+                future.set_exception(exc)
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.waiting -= self._riders
+
+
+class _EveryRequest:
+    """The batch's own database call, reported once per request it carries.
+
+    Its checkout wait is reported by `Batch.take`, per request from its arrival; the
+    call's outcomes (timed out, refused, past the deadline) count once per request.
+    """
+
+    def __init__(self, batch: Batch[K, R], each: PoolObserver) -> None:
+        self.batch: Batch[K, R] = batch
+        self.each = each
+
+    def acquired(self, seconds: float) -> None:
+        pass  # Batch.take reports each request's own wait
+
+    def timed_out(self) -> None:
+        for _ in range(len(self.batch)):
+            self.each.timed_out()
+
+    def rejected(self) -> None:
+        for _ in range(len(self.batch)):
+            self.each.rejected()
+
+    def deadline_exceeded(self) -> None:
+        for _ in range(len(self.batch)):
+            self.each.deadline_exceeded()
+
+    def statement_sizes(self, statement: str) -> TalliedHistogram | None:
+        return self.each.statement_sizes(statement)
+
+
+One = Callable[["Connection", K], Awaitable[R]]
+Many = Callable[["Connection", list[K]], Awaitable[Sequence[R]]]
+
+
+class Runs(Protocol):
+    """How a database call runs on a pooled connection: `Database.read` (repeated once
+    on a dead connection) or `Database.write` (never repeated)."""
+
+    def __call__(
+        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver | None = None, /
+    ) -> Awaitable[T]: ...
+
+
+class Coalescer(Generic[K, R]):
+    """One kind of request: served one by one, or in batches when several queue together.
+
+    `one(conn, key)` answers one request, `many(conn, keys)` several (one answer per
+    key, in order), each on the connection `runs` checked out. A batch stays open to
+    newcomers until it has its connection: at once when one is free (then it holds the
+    requests that arrived in the same turn of the event loop, most often one, which gets
+    `one`), or when one frees up, after everything that queued meanwhile joined it.
+    """
+
+    def __init__(
+        self,
+        runs: Runs,
+        one: One[K, R],
+        many: Many[K, R],
+        *,
+        queue: CheckoutQueue,
+        limit: int,
+        observer: PoolObserver | None = None,
+        sizes: TalliedHistogram | None = None,
+    ) -> None:
+        self.runs = runs
+        self.one = one
+        self.many = many
+        self.queue = queue
+        self.limit = limit  # requests per statement at most; 1: never coalesce
+        self.observer = observer or NullPoolObserver()
+        self.sizes = sizes  # requests per statement, single ones included (metrics)
+        self._open: Batch[K, R] | None = None  # the batch newcomers join, while it waits
+        self._serving: set[asyncio.Task[None]] = set()  # held so they are not collected
+
+    async def load(self, key: K) -> R:
+        """The answer for `key`, alone or as part of a batch."""
+        if self.limit <= 1:
+            if self.sizes is not None:
+                self.sizes.observe(1)
+            return await self.runs(lambda conn: self.one(conn, key))
+        batch = self._open
+        if batch is not None and not batch.closed and len(batch) < self.limit:
+            try:
+                self.queue.admit()  # a rider waits like any queued request
+            except TooManyRequests:
+                self.observer.rejected()
+                raise
+            return await batch.join(key, rider=True)
+        batch = self._open = Batch(self.queue, self.observer)
+        future = batch.join(key, rider=False)  # the queue counts it if the batch queues
+        task = asyncio.get_running_loop().create_task(self._serve(batch))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+        return await future
+
+    async def _serve(self, batch: Batch[K, R]) -> None:
+        async def run(conn: Connection) -> Sequence[R]:
+            keys = batch.take()
+            if len(keys) == 1:
+                return [await self.one(conn, keys[0])]
+            return await self.many(conn, keys)
+
+        try:
+            answers = await self.runs(run, batch.observer)
+        except Exception as exc:
+            batch.fail(exc)
+        except BaseException:  # cancelled: the worker is stopping; its requests get a 503
+            batch.fail(PoolClosed("the worker is stopping"))
+            raise
+        else:
+            batch.resolve(answers)
+        finally:
+            if self._open is batch:
+                self._open = None
+            if self.sizes is not None:
+                self.sizes.observe(len(batch))
