@@ -8,6 +8,8 @@ takes medians over the rounds.
 
 - `pooled`: the service as deployed (through PgBouncer, metrics on);
 - `pooled, metrics off`: the same with METRICS_ENABLED=false (the cost of metrics);
+- `pooled, coalescing off`: the same with COALESCE_MAX=1, every request its own
+  statement (what service/coalesce.py buys);
 - `per-request connection`: a new connection per request, the naive pattern;
 - `direct`: the pooled service pointed straight at PostgreSQL;
 - `framework ceiling`: GET /healthz on the pooled replica (no database);
@@ -16,7 +18,8 @@ takes medians over the rounds.
 - `driver ceiling`: psycopg alone running that SELECT the same way, from Python
   (loadtests/driver_ceiling.py): what the database path costs the service's side.
 
-Also: the CPU each run cost per request, split by process (the replica's workers,
+Also: how many requests each statement served (from the replica's own metrics), the
+CPU each run cost per request, split by process (the replica's workers,
 PgBouncer, PostgreSQL, the load generator), which says where a request's time goes on a
 machine where they all share the cores; each configuration's time from process start
 to /readyz 200; worker RSS at rest and under load; and (with --profile) a py-spy
@@ -55,6 +58,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
@@ -63,6 +69,7 @@ from infra.localstack.replicas import Replica
 from service import sql
 
 REPORTS = REPO / "reports" / "bench"
+FLUSH_WAIT_S = 1.2  # a little over the replicas' POOL_STATS_INTERVAL (1 s)
 SEED_ITEMS = 1000
 APP = "app"
 WORKERS = 2
@@ -150,14 +157,30 @@ class Result:
     socket_errors: int
     round: int = 0
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per request, by process
+    requests_per_statement: float | None = None  # coalesced endpoints, metrics on
 
+
+# The coalesced statement (service/coalesce.py) behind each endpoint, by metrics label.
+STATEMENT_OF = {"GET /items/{id}": "items by id", "POST /visits": "visits"}
+
+
+# The replica configurations, by key: label, and settings on top of the common ones.
+CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
+    "pooled": ("pooled (as deployed)", {}),
+    "nometrics": ("pooled, metrics off", {"METRICS_ENABLED": "false"}),
+    "single": ("pooled, coalescing off", {"COALESCE_MAX": "1"}),
+    "naive": ("per-request connection", {"CONNECTION_STRATEGY": "per-request"}),
+    "direct": ("direct to PostgreSQL", {"VIA_PGBOUNCER": "false"}),
+}
 
 # Each round runs these in this order: the pairs a target compares are back to back.
 PLAN = [
     ("GET /items/{id}", "pooled"),
     ("GET /healthz", "pooled"),
     ("GET /items/{id}", "nometrics"),
+    ("GET /items/{id}", "single"),
     ("POST /visits", "pooled"),
+    ("POST /visits", "single"),
     ("GET /items/{id}", "naive"),
     ("GET /items/{id}", "direct"),
     ("GET /items?limit=20", "pooled"),
@@ -450,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
     scratch.chmod(0o755)
-    base = procs.free_port_block(2 + 8)
+    # PostgreSQL, PgBouncer, then each configuration's replica port and metrics port.
+    base = procs.free_port_block(2 + 2 * len(CONFIGS))
     password = secrets.token_urlsafe(16)
     pg = Postgres(scratch / "postgres", base, max_connections=100)
     bouncer = PgBouncer(
@@ -482,12 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "REPLICAS": "1",
         "LOG_LEVEL": "warning",
     }
-    configs = [
-        Config("pooled", "pooled (as deployed)", {}),
-        Config("nometrics", "pooled, metrics off", {"METRICS_ENABLED": "false"}),
-        Config("naive", "per-request connection", {"CONNECTION_STRATEGY": "per-request"}),
-        Config("direct", "direct to PostgreSQL", {"VIA_PGBOUNCER": "false"}),
-    ]
+    configs = [Config(key, label, dict(env)) for key, (label, env) in CONFIGS.items()]
     results: list[Result] = []
     paired: dict[str, float] = {}
     profile_text = ""
@@ -508,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, config in enumerate(configs, start=1):
             url = direct_url if config.key == "direct" else bouncer.app_conninfo(APP)
             config.env = {**common, "DATABASE_URL": url, **config.env}
-            start(config, scratch, base + 1 + i, base + 5 + i, i)
+            start(config, scratch, base + 1 + i, base + 1 + len(configs) + i, i)
             time.sleep(1)
             assert config.replica is not None
             config.rss_rest_mib = worker_rss(config.replica)
@@ -529,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
                 assert config.replica is not None
                 master = procs.read_pid(config.replica.pid_file)
                 sampler = RssSampler(config.replica)
-                with meter.measuring(master) as cpu, sampler:
+                statement = STATEMENT_OF.get(endpoint) if config.key != "nometrics" else None
+                shared = StatementCounter(config.replica, statement)
+                with shared, meter.measuring(master) as cpu, sampler:
                     data = run_wrk(
                         config.replica.url, scripts[endpoint], connections, args.duration
                     )
@@ -547,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                     socket_errors=data["socket_errors"],
                     round=round_,
                     cpu_ms=per_request(cpu, data["requests"]),
+                    requests_per_statement=shared.requests_per_statement,
                 )
                 raw[(label, endpoint)].append(result)
                 say(
@@ -596,6 +618,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class StatementCounter:
+    """Requests per statement of one coalesced statement over a run, from the replica's
+    pgscale_db_requests_per_statement histogram (its `_sum` over its `_count`).
+
+    Workers write their tallies once per POOL_STATS_INTERVAL, so it waits that long
+    before the first reading and after the run; None when there is nothing to read.
+    """
+
+    def __init__(self, replica: Replica, statement: str | None) -> None:
+        self.replica = replica
+        self.statement = statement
+        self.requests_per_statement: float | None = None
+        self._before = (0.0, 0.0)
+
+    def _read(self) -> tuple[float, float]:
+        time.sleep(FLUSH_WAIT_S)
+        count = total = 0.0
+        families = text_string_to_metric_families(
+            httpx.get(self.replica.metrics_url, timeout=5).text
+        )
+        for family in families:
+            if family.name != "pgscale_db_requests_per_statement":
+                continue
+            for sample in family.samples:
+                if sample.labels.get("statement") != self.statement:
+                    continue
+                if sample.name.endswith("_count"):
+                    count += sample.value
+                elif sample.name.endswith("_sum"):
+                    total += sample.value
+        return count, total
+
+    def __enter__(self) -> StatementCounter:
+        if self.statement is not None:
+            self._before = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.statement is None or exc[0] is not None:
+            return
+        count, total = (a - b for a, b in zip(self._read(), self._before, strict=True))
+        if count > 0:
+            self.requests_per_statement = total / count
+
+
 class RssSampler:
     """Peak RSS of a replica's workers while a run goes on."""
 
@@ -631,7 +698,13 @@ def median_of(runs: list[Result]) -> Result:
         non2xx=sum(r.non2xx for r in runs),
         socket_errors=sum(r.socket_errors for r in runs),
         cpu_ms={g: statistics.median(r.cpu_ms.get(g, 0.0) for r in runs) for g in sorted(groups)},
+        requests_per_statement=_median_or_none([r.requests_per_statement for r in runs]),
     )
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def per_request(seconds: dict[str, float], requests: int) -> dict[str, float]:
@@ -652,6 +725,14 @@ PAIRS = {
     "GET /items/{id} metrics on vs off": (
         ("pooled (as deployed)", "GET /items/{id}"),
         ("pooled, metrics off", "GET /items/{id}"),
+    ),
+    "GET /items/{id} coalescing on vs off": (
+        ("pooled (as deployed)", "GET /items/{id}"),
+        ("pooled, coalescing off", "GET /items/{id}"),
+    ),
+    "POST /visits coalescing on vs off": (
+        ("pooled (as deployed)", "POST /visits"),
+        ("pooled, coalescing off", "POST /visits"),
     ),
 }
 
@@ -683,7 +764,14 @@ def build_report(
         database = by.get(("database ceiling", CEILING_OF.get(r.endpoint, r.endpoint)))
         rows.append(
             {
-                **{k: v for k, v in r.__dict__.items() if k not in ("round", "cpu_ms")},
+                **{
+                    k: v
+                    for k, v in r.__dict__.items()
+                    if k not in ("round", "cpu_ms", "requests_per_statement")
+                },
+                "requests_per_statement": (
+                    None if r.requests_per_statement is None else round(r.requests_per_statement, 2)
+                ),
                 "cpu_ms_per_request": {k: round(v, 3) for k, v in r.cpu_ms.items()},
                 "vs_framework_ceiling": round(r.rps / framework.rps, 3) if framework else None,
                 "vs_database_ceiling": round(r.rps / database.rps, 3) if database else None,
@@ -765,7 +853,8 @@ def latency_floor(
     above the mean, so a p99 goal needs at least this CPU budget per request. With the
     framework ceiling (HTTP, FastAPI and wrk, no database) and the driver ceiling
     (psycopg, PgBouncer and PostgreSQL, no HTTP) it also gives the floor for a request
-    whose service code cost nothing.
+    whose service code cost nothing and that has a statement of its own; requests that
+    share a statement (service/coalesce.py) split the database's part of it.
     """
     cores = os.cpu_count() or 1
     cpu = sum(run.cpu_ms.values())
@@ -777,8 +866,11 @@ def latency_floor(
         "measured_mean_latency_ms": round(1000 * connections / run.rps, 1) if run.rps else 0,
         "cpu_budget_for_mean_40ms": round(40 * cores / connections, 3),
     }
+    if run.requests_per_statement is not None:
+        floor["requests_per_statement"] = round(run.requests_per_statement, 2)
     if framework and driver:
         bare = sum(framework.cpu_ms.values()) + sum(driver.cpu_ms.values())
+        # One statement per request: coalescing (service/coalesce.py) goes below it.
         floor["bare_cpu_ms_per_request"] = round(bare, 3)
         floor["bare_max_rps"] = round(1000 * cores / bare) if bare else 0
         floor["bare_mean_latency_floor_ms"] = round(connections * bare / cores, 1)
@@ -803,15 +895,23 @@ def markdown(report: dict[str, Any]) -> str:
         f" pgbench: {s['pgbench_clients']} clients, simple protocol, through the same PgBouncer.",
         "",
         "| endpoint | configuration | req/s | p50 ms | p99 ms | non-2xx |"
-        " x framework ceiling | x database ceiling | x per-request |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " x framework ceiling | x database ceiling | x per-request | requests per statement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['endpoint']} | {r['config']} | {r['rps']:.0f} | {r['p50_ms']:.1f} |"
             f" {r['p99_ms']:.1f} | {r['non2xx']} | {_x(r['vs_framework_ceiling'])} |"
             f" {_x(r['vs_database_ceiling'])} | {_x(r['vs_naive'])} |"
+            f" {_x(r['requests_per_statement'])} |"
         )
+    lines += [
+        "",
+        "Requests per statement: how many requests one SQL statement served, from the"
+        " replica's `pgscale_db_requests_per_statement` (blank: metrics off, or an endpoint"
+        " that is never coalesced). Above 1, requests that queued for a connection"
+        " together shared one (service/coalesce.py).",
+    ]
     groups = ["workers", "pgbouncer", "postgres", "load generator"]
     lines += [
         "",
@@ -841,16 +941,22 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if "bare_cpu_ms_per_request" in f:
         lines[-1] += (
-            f" Even if the service's own code cost nothing, a request would still cost the"
-            f" framework ceiling's CPU plus the driver ceiling's: {f['bare_cpu_ms_per_request']}"
-            f" ms, at most {f['bare_max_rps']} req/s, a mean latency of at least"
-            f" {f['bare_mean_latency_floor_ms']} ms."
+            f" A request with a statement of its own costs at least the framework ceiling's"
+            f" CPU plus the driver ceiling's, even if the service's code cost nothing:"
+            f" {f['bare_cpu_ms_per_request']} ms, at most {f['bare_max_rps']} req/s, a mean"
+            f" latency of at least {f['bare_mean_latency_floor_ms']} ms."
         )
     if "bare_p99_estimate_ms" in f:
         lines[-1] += (
             f" On the framework ceiling alone p99 is {f['framework_p99_over_mean']} times its"
             f" mean; at that spread such a request's p99 would be about"
             f" {f['bare_p99_estimate_ms']} ms."
+        )
+    if f.get("requests_per_statement"):
+        lines[-1] += (
+            f" As deployed, requests that queued together shared statements:"
+            f" {f['requests_per_statement']} requests per statement, so the database path"
+            f" (the driver's, PgBouncer's and PostgreSQL's share) is paid once per batch."
         )
     lines += ["", "| configuration | start to ready | worker RSS at rest | worker RSS under load |"]
     lines += ["|---|---|---|---|"]

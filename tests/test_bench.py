@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench import PAIRS, PLAN, Result, latency_floor, paired_ratios
+from loadtests.bench import CONFIGS, PAIRS, PLAN, Result, latency_floor, paired_ratios
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,11 @@ def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
 def test_every_pair_a_target_compares_is_in_the_plan() -> None:
     planned = {(endpoint, key) for endpoint, key in PLAN}
     assert ("GET /healthz", "pooled") in planned
-    assert len(PAIRS) == 3
+    runs = {(CONFIGS[key][0], endpoint) for endpoint, key in planned}
+    runs.add(("framework ceiling", "GET /healthz"))  # the pooled replica's /healthz run
+    for top, bottom in PAIRS.values():
+        assert top in runs
+        assert bottom in runs
 
 
 def test_one_short_round_end_to_end(tmp_path: Path) -> None:
@@ -86,7 +90,15 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     driver = rows[("psycopg SELECT by id", "driver ceiling")]
     assert driver["cpu_ms_per_request"]["load generator"] > 0  # psycopg's own CPU
     floor = report["latency_floor"]
-    assert 0 < floor["bare_cpu_ms_per_request"] < floor["cpu_ms_per_request"]
+    assert floor["bare_cpu_ms_per_request"] > 0
+    # Requests per statement, from each replica's own metrics: coalescing off means one
+    # statement per request; metrics off means nothing to read; never-coalesced is blank.
+    single = rows[("GET /items/{id}", "pooled, coalescing off")]
+    assert single["requests_per_statement"] == 1.0
+    assert pooled["requests_per_statement"] >= 1.0
+    assert floor["requests_per_statement"] == pooled["requests_per_statement"]
+    assert rows[("GET /items/{id}", "pooled, metrics off")]["requests_per_statement"] is None
+    assert rows[("GET /healthz", "framework ceiling")]["requests_per_statement"] is None
     assert {t["target"] for t in report["targets"]} >= {
         "GET /items/{id} vs naive",
         "GET /items/{id} p99 ms",
