@@ -910,7 +910,8 @@ def markdown(report: dict[str, Any]) -> str:
         "Requests per statement: how many requests one SQL statement served, from the"
         " replica's `pgscale_db_requests_per_statement` (blank: metrics off, or an endpoint"
         " that is never coalesced). Above 1, requests that queued for a connection"
-        " together shared one (service/coalesce.py).",
+        " together shared one (service/coalesce.py). pgbench, the database ceiling, runs"
+        " one statement per transaction: requests that share statements can go past it.",
     ]
     groups = ["workers", "pgbouncer", "postgres", "load generator"]
     lines += [
