@@ -1,12 +1,13 @@
 """The workers x replicas sweep: how connections grow, with and without PgBouncer.
 
 For every cell of WORKERS_GRID x REPLICAS_GRID (fixed POOL_MAX) it reshapes a private
-local stack, runs the read-heavy Locust scenario headless with enough users to keep
-every pool full (with coalescing off, COALESCE_MAX=1, so that every queued request
-needs a connection of its own: the peak the budget is for), samples PgBouncer and
-PostgreSQL once a second (the sampler plugin), and compares what it measured with
-service/budget.py's prediction. Then the same grid
-with the replicas pointed straight at PostgreSQL and a deliberately small
+local stack and runs Locust headless with loadtests/saturate.py (browse.py's reads, with
+no pause between them) and four users per pooled connection, so that every pool is full
+with more requests waiting, however fast the machine; with coalescing off
+(COALESCE_MAX=1), so that every waiting request needs a connection of its own: the peak
+the budget is for. It samples PgBouncer and PostgreSQL once a second (the sampler
+plugin) and compares what it measured with service/budget.py's prediction. Then the
+same grid with the replicas pointed straight at PostgreSQL and a deliberately small
 max_connections: the cells the budget says cannot fit must fail, the others must not.
 
     .venv/bin/python -m loadtests.sweep [--workers 1 2 4] [--replicas 1 2 3] [--duration 20]
@@ -43,7 +44,11 @@ from service.budget import Budget, check, deployment_topology
 from service.settings import Settings
 
 REPORTS = REPO / "reports" / "sweep"
-SCENARIO = REPO / "loadtests" / "browse.py"
+SCENARIO = REPO / "loadtests" / "saturate.py"
+# Requests always in flight per pooled connection: every pool full, with more waiting.
+# Fewer leave a worker now and then with fewer requests than connections (haproxy and
+# the kernel spread them unevenly), and its pool short of POOL_MAX.
+USERS_PER_CONNECTION = 4
 SEED_ITEMS = 1000
 
 
@@ -58,6 +63,7 @@ class Plan:
     direct_max_connections: int
     pgbouncer_pool_size: int
     modes: tuple[str, ...] = ("pgbouncer", "direct")
+    users_per_connection: int = USERS_PER_CONNECTION
 
     def cells(self) -> list[tuple[str, int, int]]:
         return [(m, w, r) for m in self.modes for w in self.workers for r in self.replicas]
@@ -281,7 +287,7 @@ def run_cell(
     with log.open("a") as stack_log, contextlib.redirect_stdout(stack_log):
         print(f"\n=== {mode} W={workers} R={replicas}")
         stack.up(enforce_budget=False)
-    users = min(400, max(20, 5 * budget.clients_at_peak))
+    users = min(400, plan.users_per_connection * budget.clients_at_peak)
     prefix = out / f"{mode}-w{workers}-r{replicas}"
     metrics_urls = [stack.replica(i).metrics_url for i in range(1, replicas + 1)]
     with MetricsPoll(metrics_urls) as waiters:

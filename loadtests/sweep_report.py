@@ -102,10 +102,11 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         f"Grid: workers {list(plan.workers)} x replicas {list(plan.replicas)}, POOL_MAX"
         f" {plan.pool_max} (POOL_MIN 1: the pools grow under load, and overflowing direct"
         " replicas still boot; coalescing off, COALESCE_MAX 1, so that every queued request"
-        f" needs a connection of its own), {plan.duration} s of the read-heavy scenario per"
-        " cell with 5 users per pooled connection. PgBouncer cells: default_pool_size"
-        f" {plan.pgbouncer_pool_size}, no reserve. Direct cells: PostgreSQL with max_connections"
-        f" {plan.direct_max_connections}.",
+        f" needs a connection of its own), {plan.duration} s of loadtests/saturate.py per"
+        f" cell (browse.py's reads, no pause) with {plan.users_per_connection} users per pooled"
+        " connection."
+        f" PgBouncer cells: default_pool_size {plan.pgbouncer_pool_size}, no reserve."
+        f" Direct cells: PostgreSQL with max_connections {plan.direct_max_connections}.",
         "",
         "Predicted = R x W x POOL_MAX (service/budget.py); measured = the peak the sampler saw"
         " (app connections in PgBouncer's SHOW CLIENTS, or in pg_stat_activity when direct).",

@@ -100,7 +100,7 @@ def connection_samples(prefix: Path) -> list[dict[str, str]]:
     return rows
 
 
-@pytest.mark.parametrize("scenario", ["browse", "visits", "crud"])
+@pytest.mark.parametrize("scenario", ["browse", "visits", "crud", "saturate"])
 def test_scenario_runs_headless_and_samples_connections(
     scenario: str, target: Replica, locust_env: dict[str, str], tmp_path: Path
 ) -> None:
