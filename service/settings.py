@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     coalesce_max: int = Field(
         default=64,
         ge=1,
-        description="Most requests that queue together one shared statement serves (1: off).",
+        description="Most requests one statement serves when they queue together (1: off).",
     )
     pool_check_after_idle: float = Field(
         default=1.0,

@@ -111,6 +111,8 @@ def scraped(live_stack: Stack, under_load: None) -> Stack:
             len(query(live_stack, "rate(pgscale_http_requests_total[1m]) > 0")) > 0
             and len(query(live_stack, "count by (replica) (pgscale_pool_max_connections)")) == 2
             and len(query(live_stack, "pgbouncer_up == 1")) == 1
+            # rate() needs two scrapes of the exporter, which may start after the replicas
+            and len(query(live_stack, "rate(pgbouncer_stats_transactions_total[1m])")) > 0
             and len(query(live_stack, "pg_up == 1")) == 1
             and len(query(live_stack, "pgscale:pool_max_connections:sum")) == 1
         )

@@ -54,8 +54,8 @@ router = APIRouter(
 async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey = None) -> Response:
     db = database(request)
     if key is None:
-        # The common case: one round trip. A missing item makes the UPDATE match no
-        # row, so the INSERT has nothing to insert and the transaction commits nothing.
+        # The common case: one round trip, shared with the visits that queued with it.
+        # A missing item makes the UPDATE match no row, so nothing is inserted for it.
         row = await visit_writes(request).load(body.item_id)
         if row is None:
             raise InvalidReference("body.item_id", "no item with this id")
