@@ -28,23 +28,24 @@ RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape, 
 
 @pytest.fixture(scope="module")
 def live_stack(scratch: Path) -> Iterator[Stack]:
-    ports: dict[str, Any] = {
-        name: procs.free_port()
-        for name in (
-            "lb_port",
-            "pgbouncer_port",
-            "postgres_port",
-            "prometheus_port",
-            "pgbouncer_exporter_port",
-            "postgres_exporter_port",
-        )
-    }
+    # One block below the ephemeral range: two replicas, their metrics, then the rest.
+    # (Two separate picks could overlap, and a client socket can take an ephemeral one.)
+    names = (
+        "lb_port",
+        "pgbouncer_port",
+        "postgres_port",
+        "prometheus_port",
+        "pgbouncer_exporter_port",
+        "postgres_exporter_port",
+    )
+    base = procs.free_port_block(4 + len(names))
+    ports: dict[str, Any] = {name: base + 4 + i for i, name in enumerate(names)}
     settings = StackSettings(
         stack_dir=scratch / "live-stack",
         replicas=2,
         seed_items=100,
-        replica_base_port=consecutive_free_ports(2),
-        metrics_base_port=consecutive_free_ports(2),
+        replica_base_port=base,
+        metrics_base_port=base + 2,
         **ports,
     )
     with pytest.MonkeyPatch.context() as env:
@@ -57,13 +58,6 @@ def live_stack(scratch: Path) -> Iterator[Stack]:
             yield stack
         finally:
             stack.down()
-
-
-def consecutive_free_ports(count: int) -> int:
-    while True:
-        base = procs.free_port()
-        if all(not procs.port_open(base + i) for i in range(count)):
-            return base
 
 
 @pytest.fixture(scope="module")

@@ -27,25 +27,18 @@ def stack_env(scratch: Path) -> Iterator[dict[str, str]]:
         "POOL_MIN": "1",
         "POOL_MAX": "2",
         "SEED_ITEMS": "50",
-        "LB_PORT": str(procs.free_port()),
-        "PGBOUNCER_PORT": str(procs.free_port()),
-        "POSTGRES_PORT": str(procs.free_port()),
     }
-    # Three consecutive free ports for the replicas, and three for their metrics.
-    for variable in ("REPLICA_BASE_PORT", "METRICS_BASE_PORT"):
-        base = procs.free_port()
-        while not all(_free(base + i) for i in range(3)):
-            base = procs.free_port()
-        env[variable] = str(base)
+    # One block below the ephemeral range: three replica ports (the test grows to
+    # three), three for their metrics, then the load balancer, PgBouncer, PostgreSQL.
+    # Separate picks could overlap, and a client socket can take an ephemeral port.
+    base = procs.free_port_block(9)
+    env["REPLICA_BASE_PORT"], env["METRICS_BASE_PORT"] = str(base), str(base + 3)
+    for offset, variable in enumerate(("LB_PORT", "PGBOUNCER_PORT", "POSTGRES_PORT"), 6):
+        env[variable] = str(base + offset)
     try:
         yield env
     finally:
         stack(env, "down")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def stack(env: dict[str, str], command: str, **extra: str) -> subprocess.CompletedProcess[str]:
