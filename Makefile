@@ -63,7 +63,7 @@ DURATION ?= 20
 sweep: setup
 	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) --duration $(DURATION)
 
-# Throughput and latency with baselines side by side (about 6 minutes by default).
+# Throughput and latency with baselines side by side (about 11 minutes by default).
 bench: setup
 	$(PY) -m loadtests.bench --profile
 
