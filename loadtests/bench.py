@@ -618,6 +618,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def statement_totals(metrics_url: str, statement: str) -> tuple[float, float]:
+    """(statements run, requests they served) of one coalesced statement so far, from a
+    replica's pgscale_db_requests_per_statement (`_count` and `_sum`, all workers)."""
+    count = total = 0.0
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
+        if family.name != "pgscale_db_requests_per_statement":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("statement") != statement:
+                continue
+            if sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    return count, total
+
+
 class StatementCounter:
     """Requests per statement of one coalesced statement over a run, from the replica's
     pgscale_db_requests_per_statement histogram (its `_sum` over its `_count`).
@@ -634,21 +651,8 @@ class StatementCounter:
 
     def _read(self) -> tuple[float, float]:
         time.sleep(FLUSH_WAIT_S)
-        count = total = 0.0
-        families = text_string_to_metric_families(
-            httpx.get(self.replica.metrics_url, timeout=5).text
-        )
-        for family in families:
-            if family.name != "pgscale_db_requests_per_statement":
-                continue
-            for sample in family.samples:
-                if sample.labels.get("statement") != self.statement:
-                    continue
-                if sample.name.endswith("_count"):
-                    count += sample.value
-                elif sample.name.endswith("_sum"):
-                    total += sample.value
-        return count, total
+        assert self.statement is not None
+        return statement_totals(self.replica.metrics_url, self.statement)
 
     def __enter__(self) -> StatementCounter:
         if self.statement is not None:

@@ -45,10 +45,6 @@ from service.settings import Settings
 
 REPORTS = REPO / "reports" / "sweep"
 SCENARIO = REPO / "loadtests" / "saturate.py"
-# Requests always in flight per pooled connection: every pool full, with more waiting.
-# Fewer leave a worker now and then with fewer requests than connections (haproxy and
-# the kernel spread them unevenly), and its pool short of POOL_MAX.
-USERS_PER_CONNECTION = 4
 SEED_ITEMS = 1000
 
 
@@ -63,7 +59,10 @@ class Plan:
     direct_max_connections: int
     pgbouncer_pool_size: int
     modes: tuple[str, ...] = ("pgbouncer", "direct")
-    users_per_connection: int = USERS_PER_CONNECTION
+    # Requests always in flight per pooled connection: every pool full, more waiting.
+    # Fewer leave a worker now and then with fewer requests than connections (haproxy
+    # and the kernel spread them unevenly), and its pool short of POOL_MAX.
+    users_per_connection: int = 4
 
     def cells(self) -> list[tuple[str, int, int]]:
         return [(m, w, r) for m in self.modes for w in self.workers for r in self.replicas]

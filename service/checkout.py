@@ -35,11 +35,6 @@ class CheckoutQueue:
         every request's path, and a generator-based one costs more.)"""
         return self
 
-    @property
-    def busy(self) -> bool:
-        """No slot is free now: all are taken, or others already wait for one."""
-        return self._slots.locked()
-
     def admit(self) -> None:
         """Count one more request waiting, or refuse it (TooManyRequests) when
         POOL_MAX_WAITING already wait. Whoever admits one takes it off `waiting`."""

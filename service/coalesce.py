@@ -44,7 +44,7 @@ class Batch(Generic[K, R]):
     """Requests gathered for one statement: each one's key, and the future it waits on."""
 
     def __init__(self, queue: CheckoutQueue, observer: PoolObserver) -> None:
-        self.queue = queue
+        self._queue = queue
         self.keys: list[K] = []  # one per request, in arrival order
         self._futures: list[asyncio.Future[R]] = []
         self._arrived: list[float] = []
@@ -93,7 +93,7 @@ class Batch(Generic[K, R]):
     def _close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.queue.waiting -= self._riders
+            self._queue.waiting -= self._riders
 
 
 class _EveryRequest:

@@ -172,13 +172,13 @@ class Database:
         # Calls past their deadline, still cancelling in the background (see _bounded);
         # held here so they are not garbage-collected half-way.
         self._abandoned: set[asyncio.Future[Any]] = set()
-        # Rendered once: every transaction and every write_one sends it.
+        # Rendered once: every transaction and every run_framed sends it.
         self._set_statement_timeout = (
             sql.SQL("SET LOCAL statement_timeout = {}")
             .format(sql.Literal(f"{int(settings.statement_timeout * 1000)}ms"))
             .as_bytes(None)
         )
-        # write_one's text, built once per statement: BEGIN; SET LOCAL ...; <it>; COMMIT
+        # run_framed's text, built once per statement: BEGIN; SET LOCAL ...; <it>; COMMIT
         self._begin_one = b"BEGIN; %s; " % self._set_statement_timeout
         self._framed: dict[str, bytes] = {}
 
@@ -304,23 +304,27 @@ class Database:
             return AsyncClientCursor(conn, row_factory=dict_row)
         return conn.cursor()
 
+    async def first_row(
+        self, conn: Connection, query: sql.Composable | str, params: Any = None
+    ) -> DictRow | None:
+        """One read statement on `conn`: its first row."""
+        cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
+        return await cur.fetchone()
+
+    async def all_rows(
+        self, conn: Connection, query: sql.Composable | str, params: Any = None
+    ) -> list[DictRow]:
+        """One read statement on `conn`: all its rows."""
+        cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
+        return await cur.fetchall()
+
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
         """Run one read statement in autocommit and return its first row."""
-
-        async def run(conn: Connection) -> DictRow | None:
-            cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
-            return await cur.fetchone()
-
-        return await self.read(run)
+        return await self.read(lambda conn: self.first_row(conn, query, params))
 
     async def fetch_all(self, query: sql.Composable | str, params: Any = None) -> list[DictRow]:
         """Run one read statement in autocommit and return all its rows."""
-
-        async def run(conn: Connection) -> list[DictRow]:
-            cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
-            return await cur.fetchall()
-
-        return await self.read(run)
+        return await self.read(lambda conn: self.all_rows(conn, query, params))
 
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` in one explicit transaction with a statement timeout set LOCAL.
@@ -339,16 +343,6 @@ class Database:
                 return await work(conn)
 
         return run
-
-    async def write_one(self, statement: LiteralString, params: Sequence[Any]) -> DictRow | None:
-        """One write statement in its own transaction, in a single round trip: the
-        first row it returns, if any (see `run_framed`)."""
-
-        async def run(conn: Connection) -> list[DictRow]:
-            return await self.run_framed(conn, statement, params)
-
-        rows = await self.write(run)
-        return rows[0] if rows else None
 
     async def run_framed(
         self, conn: Connection, statement: LiteralString, params: Sequence[Any]

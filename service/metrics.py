@@ -241,25 +241,17 @@ class WorkerTally:
     def __init__(self) -> None:
         self.requests: Counter_[tuple[str, str, str]] = Counter_()
         self.in_flight = 0
-        self._durations: dict[tuple[str, str], TalliedHistogram] = {}
+        self._durations: dict[tuple[str, ...], TalliedHistogram] = {}
         self.acquire_wait = TalliedHistogram(POOL_ACQUIRE_SECONDS)
-        self._statements: dict[str, TalliedHistogram] = {}
+        self._statements: dict[tuple[str, ...], TalliedHistogram] = {}
 
     def duration(self, route: str, method: str) -> TalliedHistogram:
         """The latency tally of a route, made once."""
-        tally = self._durations.get((route, method))
-        if tally is None:
-            series = HTTP_DURATION.labels(route, method)
-            tally = self._durations[(route, method)] = TalliedHistogram(series)
-        return tally
+        return _tally(self._durations, HTTP_DURATION, route, method)
 
     def statement_sizes(self, statement: str) -> TalliedHistogram:
         """The requests-per-statement tally of a coalesced statement, made once."""
-        tally = self._statements.get(statement)
-        if tally is None:
-            series = STATEMENT_REQUESTS.labels(statement)
-            tally = self._statements[statement] = TalliedHistogram(series)
-        return tally
+        return _tally(self._statements, STATEMENT_REQUESTS, statement)
 
     def flush(self) -> None:
         pending, self.requests = self.requests, Counter_()
@@ -268,6 +260,16 @@ class WorkerTally:
         HTTP_IN_FLIGHT.set(self.in_flight)
         for tally in (*self._durations.values(), self.acquire_wait, *self._statements.values()):
             tally.flush()
+
+
+def _tally(
+    made: dict[tuple[str, ...], TalliedHistogram], histogram: Histogram, *labels: str
+) -> TalliedHistogram:
+    """The tally of one labelled series of `histogram`, made on first use."""
+    tally = made.get(labels)
+    if tally is None:
+        tally = made[labels] = TalliedHistogram(histogram.labels(*labels))
+    return tally
 
 
 TALLY = WorkerTally()

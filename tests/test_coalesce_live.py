@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack.replicas import Replica
+from loadtests.bench import statement_totals
 from service import sql
 from tests.conftest import Databases, StartService, make_items
 from tests.test_pool_pressure import locked
@@ -27,20 +27,6 @@ MISSING = 2**62  # no such item
 def one_connection(start_service: StartService) -> Replica:
     """A worker with a single connection: whatever arrives while it is busy queues."""
     return start_service(pool_min=1, pool_max=1, pool_timeout=3, pool_stats_interval=0.2)
-
-
-def statements(replica: Replica, name: str) -> tuple[float, float]:
-    """(statements, requests they served) of one coalesced statement, so far."""
-    count = total = 0.0
-    for family in text_string_to_metric_families(httpx.get(replica.metrics_url).text):
-        if family.name == "pgscale_db_requests_per_statement":
-            for sample in family.samples:
-                if sample.labels.get("statement") == name:
-                    if sample.name.endswith("_count"):
-                        count += sample.value
-                    elif sample.name.endswith("_sum"):
-                        total += sample.value
-    return count, total
 
 
 def queued_together(
@@ -64,7 +50,7 @@ def test_reads_queued_together_share_a_statement_and_each_gets_its_own_item(
     ids = make_items(one_connection.url, 10)
     asked = [*ids, *ids[:5], MISSING, MISSING]
     random.Random(7).shuffle(asked)
-    before = statements(one_connection, "items by id")
+    before = statement_totals(one_connection.metrics_url, "items by id")
     with httpx.Client(base_url=one_connection.url, timeout=15) as http:
         answers = queued_together(databases, asked, lambda i: http.get(f"/items/{i}"))
     for item_id, resp in zip(asked, answers, strict=True):
@@ -74,7 +60,7 @@ def test_reads_queued_together_share_a_statement_and_each_gets_its_own_item(
             assert resp.status_code == 200, resp.text
             assert resp.json()["id"] == item_id
     time.sleep(0.5)  # the tally reaches the metrics on the next stats beat
-    after = statements(one_connection, "items by id")
+    after = statement_totals(one_connection.metrics_url, "items by id")
     count, total = (a - b for a, b in zip(after, before, strict=True))
     assert total == len(asked)  # every request counted once
     assert count <= 3  # the first alone, the rest in one or two batches, not 17 statements

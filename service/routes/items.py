@@ -42,12 +42,11 @@ def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
     `id = ANY(...)` for all of them."""
 
     async def one(conn: Connection, item_id: int) -> DictRow | None:
-        cur = await db.read_cursor(conn).execute(sql.GET_ITEM, (item_id,))
-        return await cur.fetchone()
+        return await db.first_row(conn, sql.GET_ITEM, (item_id,))
 
     async def many(conn: Connection, item_ids: list[int]) -> list[DictRow | None]:
-        cur = await db.read_cursor(conn).execute(sql.GET_ITEMS, (sorted(set(item_ids)),))
-        found = {row["id"]: row for row in await cur.fetchall()}
+        rows = await db.all_rows(conn, sql.GET_ITEMS, (sorted(set(item_ids)),))
+        found = {row["id"]: row for row in rows}
         return [found.get(item_id) for item_id in item_ids]
 
     return db.coalescer("items by id", db.read, one, many)
