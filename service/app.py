@@ -14,17 +14,20 @@ from psycopg.rows import DictRow
 
 from service.bodylimit import BodySizeLimit
 from service.coalesce import Coalescer
-from service.db import Database, create_pool, open_pool
+from service.db import Database
 from service.errors import install_error_handlers
 from service.metrics import (
+    TALLY,
     HTTPMetrics,
     NullPoolObserver,
     PoolObserver,
+    PoolRecorder,
     PrometheusPoolObserver,
-    publish_pool_stats,
 )
+from service.pool import PoolHealth, PoolKeeper, pool_name
+from service.prepared import describe_prepared_statements, prepare_threshold
 from service.routes import health, items, visits
-from service.settings import Settings, get_settings
+from service.settings import DeploymentSettings, Settings, get_settings
 
 logger = logging.getLogger("service")
 
@@ -38,21 +41,28 @@ class State(TypedDict):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; `settings` defaults to the environment's."""
     settings = settings or get_settings()
+    deployment = DeploymentSettings()  # read once: what the deployment allows
+    threshold = prepare_threshold(settings, deployment)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        pool = create_pool(settings)
-        await open_pool(pool, settings)
+        logger.info(
+            "pool %r: %s", pool_name(settings), describe_prepared_statements(threshold, deployment)
+        )
+        keeper = PoolKeeper(settings, threshold)
+        await keeper.open()
         metrics = settings.metrics_enabled
         observer: PoolObserver = PrometheusPoolObserver() if metrics else NullPoolObserver()
-        db = Database(pool, settings, observer)
-        publisher = (
-            asyncio.create_task(
-                publish_pool_stats(pool, settings.pool_stats_interval, lambda: db.queue.waiting),
-                name="pool-stats",
-            )
-            if metrics
-            else None
+        db = Database(keeper, settings, observer)
+        recorder = PoolRecorder() if metrics else None
+
+        def ticked(health: PoolHealth) -> None:
+            if recorder is not None:
+                recorder.record(keeper, health, db.waiting, db.abandoned)
+
+        # Always on, metrics or not: the keeper is also what recovers the pool.
+        keeping = asyncio.create_task(
+            keeper.run(settings.pool_stats_interval, ticked), name="pool-keeper"
         )
         try:
             yield {
@@ -61,12 +71,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "visit_writes": visits.visits_recorded(db),
             }
         finally:
-            if publisher is not None:
-                publisher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publisher
-            await pool.close()
-            logger.info("pool %r closed", pool.name)
+            keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeping
+            if metrics:
+                TALLY.flush()  # shutting down: what was counted since the last tick counts
+            await keeper.close()
+            logger.info("pool %r closed", keeper.pool.name)
 
     app = FastAPI(
         title="pgscale",

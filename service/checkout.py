@@ -10,14 +10,28 @@ ready when a request reaches it.
 
 The same bounds as the pool's own: POOL_TIMEOUT for the whole wait, POOL_MAX_WAITING
 for the queue's length, and psycopg_pool's own exceptions, so error handling and
-metrics do not change.
+metrics do not change. (The pool's own `max_waiting` is off: see service/pool.py.)
+
+A coalesced batch (service/coalesce.py) queues as one `Party`: its first request is
+counted like any other, and its riders are counted, and bounded by POOL_MAX_WAITING,
+only while the batch really waits here. A batch that finds a slot free is about to
+have a connection, so nobody riding it is refused for pool pressure.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 from psycopg_pool import PoolTimeout, TooManyRequests
+
+
+class Party(Protocol):
+    """Requests that wait for one connection together: told when their wait begins
+    (to count the others as waiting) and when it ends, however it ends."""
+
+    def start_waiting(self, queue: CheckoutQueue) -> None: ...
+    def stop_waiting(self, queue: CheckoutQueue) -> None: ...
 
 
 class CheckoutQueue:
@@ -42,18 +56,32 @@ class CheckoutQueue:
             raise TooManyRequests(f"{self.waiting} requests already waiting")
         self.waiting += 1
 
+    async def acquire(self, within: float, party: Party | None = None) -> None:
+        """Take a slot, waiting at most `within` seconds in turn (PoolTimeout), or
+        refused at once when POOL_MAX_WAITING already wait (TooManyRequests).
+        `release()` gives it back."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot: returns at once, no wait
+            return
+        # All taken, or others already waiting: queue, in turn.
+        self.admit()
+        if party is not None:
+            party.start_waiting(self)
+        try:
+            async with asyncio.timeout(within):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PoolTimeout(f"no connection within {within:.2f} s") from None
+        finally:
+            self.waiting -= 1
+            if party is not None:
+                party.stop_waiting(self)
+
+    def release(self) -> None:
+        self._slots.release()
+
     async def __aenter__(self) -> None:
-        if self._slots.locked():  # all taken, or others already waiting: queue, in turn
-            self.admit()
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise PoolTimeout(f"no connection within {self.timeout:.2f} s") from None
-            finally:
-                self.waiting -= 1
-        else:
-            await self._slots.acquire()  # a free slot: no wait
+        await self.acquire(self.timeout)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._slots.release()
+        self.release()

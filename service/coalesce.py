@@ -12,8 +12,11 @@ with a connection free, that batch takes it at once, most often holding just tha
 request, which then runs the plain one-row statement. So coalescing adds no wait, and
 changes nothing a client can see but the timing.
 
-The bounds stay per request. A request riding a batch counts as waiting, so
-POOL_MAX_WAITING refuses it at once when the queue is full; the batch waits at most
+The bounds stay per request. A request riding a batch counts as waiting while the
+batch waits in the checkout queue, so POOL_MAX_WAITING refuses it at once when the
+queue is full; a rider of a batch that has not queued (it found a connection free, or
+has not reached the queue yet) waits for nothing but its turn in the event loop, and is
+never refused for pool pressure (COALESCE_MAX bounds the batch). The batch waits at most
 POOL_TIMEOUT for its connection and runs within DB_DEADLINE, both counted from its
 first request; a batch's failure is every one of its requests' failure (the same
 503). The pool's metrics count requests, not batches. COALESCE_MAX caps a batch; 1
@@ -33,7 +36,8 @@ from service.checkout import CheckoutQueue
 from service.metrics import NullPoolObserver, PoolObserver, TalliedHistogram
 
 if TYPE_CHECKING:
-    from service.db import Connection
+    from service.checkout import Party
+    from service.pool import Connection
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
@@ -48,13 +52,31 @@ class Batch(Generic[K, R]):
         self.keys: list[K] = []  # one per request, in arrival order
         self._futures: list[asyncio.Future[R]] = []
         self._arrived: list[float] = []
-        self._riders = 0  # requests after the first: counted as waiting by us, not the queue
+        self._riders = 0  # requests after the first
+        self._counted = 0  # riders counted in the queue's `waiting` now
+        self.in_queue = False  # waiting in the checkout queue now
         self.closed = False
         self._each = observer
         self.observer = _EveryRequest(self, observer)  # for the batch's database call
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def start_waiting(self, queue: CheckoutQueue) -> None:
+        """Party: the batch starts waiting for a slot; its riders wait with it."""
+        self.in_queue = True
+        queue.waiting += self._riders  # already in: counted, not refused
+        self._counted = self._riders
+
+    def stop_waiting(self, queue: CheckoutQueue) -> None:
+        """Party: the batch has a slot (or gave up): nobody in it waits in the queue."""
+        self.in_queue = False
+        queue.waiting -= self._counted
+        self._counted = 0
+
+    def counted_rider(self) -> None:
+        """A rider admitted into the queue's count while the batch waits there."""
+        self._counted += 1
 
     def join(self, key: K, *, rider: bool) -> asyncio.Future[R]:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -91,9 +113,7 @@ class Batch(Generic[K, R]):
                 future.set_exception(exc)
 
     def _close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._queue.waiting -= self._riders
+        self.closed = True
 
 
 class _EveryRequest:
@@ -122,6 +142,10 @@ class _EveryRequest:
         for _ in range(len(self.batch)):
             self.each.deadline_exceeded()
 
+    def unavailable(self) -> None:
+        for _ in range(len(self.batch)):
+            self.each.unavailable()
+
     def statement_sizes(self, statement: str) -> TalliedHistogram | None:
         return self.each.statement_sizes(statement)
 
@@ -135,7 +159,11 @@ class Runs(Protocol):
     on a dead connection) or `Database.write` (never repeated)."""
 
     def __call__(
-        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver | None = None, /
+        self,
+        run: Callable[[Connection], Awaitable[T]],
+        observer: PoolObserver | None = None,
+        party: Party | None = None,
+        /,
     ) -> Awaitable[T]: ...
 
 
@@ -178,11 +206,13 @@ class Coalescer(Generic[K, R]):
             return await self.runs(lambda conn: self.one(conn, key))
         batch = self._open
         if batch is not None and not batch.closed and len(batch) < self.limit:
-            try:
-                self.queue.admit()  # a rider waits like any queued request
-            except TooManyRequests:
-                self.observer.rejected()
-                raise
+            if batch.in_queue:  # the batch waits for a connection, and so will this one
+                try:
+                    self.queue.admit()
+                except TooManyRequests:
+                    self.observer.rejected()
+                    raise
+                batch.counted_rider()
             return await batch.join(key, rider=True)
         batch = self._open = Batch(self.queue, self.observer)
         future = batch.join(key, rider=False)  # the queue counts it if the batch queues
@@ -199,7 +229,7 @@ class Coalescer(Generic[K, R]):
             return await self.many(conn, keys)
 
         try:
-            answers = await self.runs(run, batch.observer)
+            answers = await self.runs(run, batch.observer, batch)
         except Exception as exc:
             batch.fail(exc)
         except BaseException:  # cancelled: the worker is stopping; its requests get a 503

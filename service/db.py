@@ -1,8 +1,9 @@
-"""The worker's connection pool, and database calls bounded by one deadline.
+"""Database calls for one worker, each bounded by one deadline.
 
-Rules for PgBouncer in transaction mode (see DESIGN.md): no server-side prepared
-statements (`prepare_threshold=None`), no session state (only `SET LOCAL`), reads are
-one autocommit statement (one round trip), writes run in an explicit transaction.
+Rules for PgBouncer in transaction mode (README.md, "Transaction pooling rules"): no
+server-side prepared statements (`prepare_threshold=None`), no session state (only
+`SET LOCAL`), reads are one autocommit statement (one round trip), writes run in an
+explicit transaction. The pool itself, and its recovery, live in service/pool.py.
 
 With prepared statements off, reads bind their values on the client: psycopg's
 `AsyncClientCursor` quotes each value with its adapters (never by pasting text) and
@@ -16,135 +17,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import select
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
-from psycopg import AsyncClientCursor, AsyncConnection, AsyncCursor, BaseConnection, sql
+from psycopg import AsyncClientCursor, AsyncCursor, sql
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
-from service.checkout import CheckoutQueue
+from service.checkout import CheckoutQueue, Party
 from service.coalesce import Coalescer, Many, One, Runs
-from service.errors import DatabaseDeadline
+from service.errors import DatabaseDeadline, DatabaseDown
 from service.metrics import NullPoolObserver, PoolObserver
-from service.prepared import describe_prepared_statements, prepare_threshold
-from service.settings import DeploymentSettings, Settings
+from service.pool import Connection, Pool, PoolKeeper
+from service.settings import Settings
 
 logger = logging.getLogger("service.db")
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
-
-
-class Connection(AsyncConnection[DictRow]):
-    """A pooled connection that remembers when a request last gave it back."""
-
-    returned_at: float = float("-inf")  # never: the first checkout tests it
-
-
-Pool = AsyncConnectionPool[Connection]
-
-
-def spoke_unasked(conn: BaseConnection[Any]) -> bool:
-    """Whether the server sent something, or hung up, since the connection's last answer.
-
-    A connection at rest has nothing to read: bytes or an end-of-file waiting on its
-    socket mean PgBouncer or PostgreSQL closed it (restart, shutdown, idle timeout) or
-    sent a termination notice. One zero-timeout poll(2), no round trip.
-    """
-    try:
-        fd = conn.pgconn.socket
-    except psycopg.OperationalError:
-        return True  # already closed on our side
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-class CheckAndSweep:
-    """The pool's `check` callback: a connection that died while idle is replaced unseen.
-
-    A connection given back less than `fresh_for` seconds ago gets a local test: if the
-    server has sent nothing since (`spoke_unasked`), it is used as it is. Under load
-    that is every checkout, and it saves a round trip per request. One that sat idle
-    longer, or whose server spoke, is tested with an empty query (one round trip).
-    What the local test cannot see (a connection cut silently in the last second) a
-    read survives by being repeated once on another connection (`Database._read`),
-    and a write by its deadline and the client's Idempotency-Key.
-
-    On the first dead connection it sweeps every idle one (`pool.check()`): after
-    PgBouncer restarts they are all dead, and psycopg_pool would otherwise try them one
-    by one with a backoff of 1 s, 2 s, ... in between, long enough for the request to
-    time out although a fresh connection takes milliseconds.
-    """
-
-    def __init__(self, fresh_for: float) -> None:
-        self.pool: Pool | None = None
-        self.fresh_for = fresh_for
-        self._sweeping = False
-
-    async def __call__(self, conn: Connection) -> None:
-        if time.monotonic() - conn.returned_at < self.fresh_for and not spoke_unasked(conn):
-            return
-        try:
-            await AsyncConnectionPool.check_connection(conn)
-        except Exception:
-            if self.pool is not None and not self._sweeping:
-                self._sweeping = True
-                try:
-                    await self.pool.check()  # uses check_connection, not this callback
-                finally:
-                    self._sweeping = False
-            raise
-
-
-def create_pool(settings: Settings) -> Pool:
-    """A closed pool for this worker; `open_pool` opens it in the lifespan."""
-    name = f"{settings.replica_name}-{os.getpid()}"
-    deployment = DeploymentSettings()
-    threshold = prepare_threshold(settings, deployment)
-    logger.info("pool %r: %s", name, describe_prepared_statements(threshold, deployment))
-    check = CheckAndSweep(fresh_for=settings.pool_check_after_idle)
-    pool: Pool = AsyncConnectionPool(
-        settings.conninfo,
-        connection_class=Connection,
-        kwargs={
-            "autocommit": True,  # a read is one statement, one round trip
-            # None unless PREPARED_STATEMENTS is on and safe (see prepare_threshold).
-            "prepare_threshold": threshold,
-            "row_factory": dict_row,
-            # PgBouncer's SHOW CLIENTS and pg_stat_activity tell workers apart by this.
-            "application_name": name,
-        },
-        min_size=settings.pool_min,
-        max_size=settings.pool_max,
-        timeout=settings.pool_timeout,
-        max_waiting=settings.pool_max_waiting,
-        max_lifetime=settings.pool_max_lifetime,
-        max_idle=settings.pool_max_idle,
-        # A connection that died while idle (PgBouncer restarted, network cut) is
-        # replaced at checkout instead of failing the request that drew it.
-        check=check,
-        # No `reset` callback: with one, psycopg_pool hands every returned connection
-        # to a background task instead of to the next waiting request at once.
-        name=name,
-        open=False,
-    )
-    check.pool = pool
-    return pool
-
-
-async def open_pool(pool: Pool, settings: Settings) -> None:
-    """Open the pool and wait for `pool_min` connections: a bad DSN fails the worker fast."""
-    await pool.open(wait=True, timeout=settings.pool_open_timeout)
-    logger.info("pool %r ready (min=%d, max=%d)", pool.name, pool.min_size, pool.max_size)
 
 
 class Database:
@@ -156,19 +51,22 @@ class Database:
     """
 
     def __init__(
-        self, pool: Pool, settings: Settings, observer: PoolObserver | None = None
+        self,
+        keeper: PoolKeeper,
+        settings: Settings,
+        observer: PoolObserver | None = None,
     ) -> None:
-        self.pool = pool
+        self.keeper = keeper
         self.settings = settings
         self.per_request = settings.connection_strategy == "per-request"
         self.deadline = settings.db_deadline
         self.observer = observer or NullPoolObserver()
         # Reads bind client-side unless statements may be prepared (module docstring).
-        self.client_binding = (
-            self.per_request or prepare_threshold(settings, DeploymentSettings()) is None
-        )
+        self.client_binding = self.per_request or keeper.prepare_threshold is None
         # Requests wait for a connection here, not in the pool's own queue (see there).
-        self.queue = CheckoutQueue(pool.max_size, settings.pool_max_waiting, pool.timeout)
+        self.queue = CheckoutQueue(
+            settings.pool_max, settings.pool_max_waiting, settings.pool_timeout
+        )
         # Calls past their deadline, still cancelling in the background (see _bounded);
         # held here so they are not garbage-collected half-way.
         self._abandoned: set[asyncio.Future[Any]] = set()
@@ -182,34 +80,89 @@ class Database:
         self._begin_one = b"BEGIN; %s; " % self._set_statement_timeout
         self._framed: dict[str, bytes] = {}
 
+    @property
+    def pool(self) -> Pool:
+        """The pool connections come from now (the keeper may replace it)."""
+        return self.keeper.pool
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection now: in the checkout queue, or in the pool
+        while it opens one (exact: psycopg_pool's own count keeps timed-out waiters)."""
+        return self.queue.waiting + self.keeper.in_getconn
+
+    @property
+    def abandoned(self) -> int:
+        """Calls past their deadline, still cleaning up in the background."""
+        return len(self._abandoned)
+
     @asynccontextmanager
-    async def _connection(self, observer: PoolObserver) -> AsyncIterator[Connection]:
-        """A pooled connection, with the checkout timed and its failures counted."""
+    async def _connection(
+        self, observer: PoolObserver, party: Party | None = None, wait: float | None = None
+    ) -> AsyncIterator[Connection]:
+        """A pooled connection, with the checkout timed and its failures counted.
+
+        `party`: the coalesced batch this checkout is for (its riders wait with it);
+        `wait`: seconds to wait for the connection, if less than POOL_TIMEOUT.
+        """
         if self.per_request:
             async with await self._connect() as conn:
                 yield conn
             return
+        keeper = self.keeper
+        if keeper.down:
+            observer.unavailable()
+            raise DatabaseDown("the database path is down (the worker's probe failed)")
+        timeout = self.queue.timeout if wait is None else min(wait, self.queue.timeout)
         started = time.perf_counter()
         try:
-            async with self.queue.slot():
-                left = self.queue.timeout - (time.perf_counter() - started)
-                # getconn/putconn, not pool.connection(): that one also commits on the
-                # way out, a no-op here (reads autocommit, writes end their transaction)
-                # that still takes the connection's lock. putconn rolls back anything
-                # left open, and discards a broken connection.
-                conn = await self.pool.getconn(timeout=left)
-                observer.acquired(time.perf_counter() - started)
-                try:
-                    yield conn
-                finally:
-                    conn.returned_at = time.monotonic()
-                    await self.pool.putconn(conn)
+            await self.queue.acquire(timeout, party)
         except PoolTimeout:
             observer.timed_out()
             raise
         except TooManyRequests:
             observer.rejected()
             raise
+        try:
+            try:
+                conn, pool = await self._getconn(timeout - (time.perf_counter() - started))
+            except PoolTimeout:
+                observer.timed_out()
+                keeper.checkout_failed()
+                raise
+            observer.acquired(time.perf_counter() - started)
+            keeper.in_use += 1
+            try:
+                yield conn
+            finally:
+                keeper.in_use -= 1
+                conn.returned_at = time.monotonic()
+                # putconn rolls back anything left open, and discards a broken
+                # connection; to the pool it came from, even if since replaced.
+                await pool.putconn(conn)
+        finally:
+            self.queue.release()
+
+    async def _getconn(self, left: float) -> tuple[Connection, Pool]:
+        """A connection from the keeper's pool within `left` seconds, and that pool.
+
+        getconn/putconn, not pool.connection(): that one also commits on the way out, a
+        no-op here (reads autocommit, writes end their transaction) that still takes the
+        connection's lock. A pool replaced while we waited in it (PoolClosed) is left
+        for its successor, with the time that is left.
+        """
+        keeper = self.keeper
+        deadline = time.perf_counter() + left
+        while True:
+            pool = keeper.pool
+            keeper.in_getconn += 1
+            try:
+                return await pool.getconn(timeout=deadline - time.perf_counter()), pool
+            except PoolClosed:
+                if keeper.pool is pool or deadline <= time.perf_counter():
+                    raise
+            finally:
+                keeper.in_getconn -= 1
 
     async def _bounded(self, call: Coroutine[Any, Any, T], seconds: float) -> T:
         """Await `call`, but give up after `seconds` whatever the network does.
@@ -261,41 +214,57 @@ class Database:
             raise DatabaseDeadline from exc
 
     async def read(
-        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver | None = None
+        self,
+        run: Callable[[Connection], Awaitable[T]],
+        observer: PoolObserver | None = None,
+        party: Party | None = None,
     ) -> T:
         """`run` one read statement in autocommit on a pooled connection, within
         DB_DEADLINE; repeated once, on another connection, if its connection was dead.
 
-        `observer`: who hears of the checkout (a coalesced batch reports per request).
+        `observer`: who hears of the checkout (a coalesced batch reports per request);
+        `party`: the batch, whose riders wait with it.
         """
         observer = observer or self.observer
-        return await self._within_deadline(self._read_once_or_twice(run, observer), observer)
+        return await self._within_deadline(self._read_once_or_twice(run, observer, party), observer)
 
     async def _read_once_or_twice(
-        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver
+        self,
+        run: Callable[[Connection], Awaitable[T]],
+        observer: PoolObserver,
+        party: Party | None,
     ) -> T:
         used: Connection | None = None
         try:
-            async with self._connection(observer) as conn:
+            async with self._connection(observer, party) as conn:
                 used = conn
                 return await run(conn)
         except psycopg.OperationalError:
             if used is None or not used.broken:
                 raise  # the query failed, not the connection: report it
             logger.info("connection of %r found dead by a read: repeating it", self.pool.name)
-        async with self._connection(observer) as conn:
+        async with self._connection(observer, party) as conn:
             return await run(conn)
 
     async def write(
-        self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver | None = None
+        self,
+        run: Callable[[Connection], Awaitable[T]],
+        observer: PoolObserver | None = None,
+        party: Party | None = None,
     ) -> T:
         """`run` a write on a pooled connection, within DB_DEADLINE; never repeated
         (`run` ends its own transaction: see `run_framed`)."""
         observer = observer or self.observer
-        return await self._within_deadline(self._once(run, observer), observer)
+        return await self._within_deadline(self._once(run, observer, party), observer)
 
-    async def _once(self, run: Callable[[Connection], Awaitable[T]], observer: PoolObserver) -> T:
-        async with self._connection(observer) as conn:
+    async def _once(
+        self,
+        run: Callable[[Connection], Awaitable[T]],
+        observer: PoolObserver,
+        party: Party | None = None,
+        wait: float | None = None,
+    ) -> T:
+        async with self._connection(observer, party, wait) as conn:
             return await run(conn)
 
     def read_cursor(self, conn: Connection) -> AsyncCursor[DictRow]:
@@ -394,16 +363,18 @@ class Database:
         )
 
     async def ping(self, within: float) -> None:
-        """`SELECT 1` within `within` seconds, connection checkout included."""
+        """`SELECT 1` within `within` seconds, connection checkout included.
+
+        Through the same checkout queue as requests, so it waits in turn and is
+        counted; it waits for a connection at most half of `within`, so its own
+        timeout, not the bound around the whole call, ends a wait that finds none.
+        """
         if self.per_request:
             async with asyncio.timeout(within), await self._connect() as conn:
                 await conn.execute("SELECT 1")
             return
-        await self._bounded(self._select_one(within), within)
-
-    async def _select_one(self, within: float) -> None:
-        async with self.pool.connection(timeout=within) as conn:
-            await conn.execute("SELECT 1")
+        call = self._once(_select_one, NullPoolObserver(), wait=within / 2)
+        await self._bounded(call, within)
 
     async def _connect(self) -> Connection:
         """A new connection of our own: the naive pattern the benchmark compares against."""
@@ -414,3 +385,7 @@ class Database:
             row_factory=dict_row,
             connect_timeout=max(1, int(self.settings.pool_timeout)),
         )
+
+
+async def _select_one(conn: Connection) -> None:
+    await conn.execute("SELECT 1")

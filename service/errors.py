@@ -56,6 +56,10 @@ class DatabaseDeadline(Exception):
     """The whole database call took longer than DB_DEADLINE."""
 
 
+class DatabaseDown(Exception):
+    """The worker's probe finds the database path down: refused without waiting."""
+
+
 class NotFound(Exception):
     """The addressed resource does not exist."""
 
@@ -152,6 +156,11 @@ def install_error_handlers(app: FastAPI) -> None:
     ) -> JSONResponse:
         _warn_statement_timeout(request.url.path)
         return _unavailable(request, "the database did not answer in time")
+
+    @app.exception_handler(DatabaseDown)
+    async def database_down(request: Request, exc: DatabaseDown) -> JSONResponse:
+        _warn_unavailable(f"{request.url.path}: {exc}")
+        return _unavailable(request, "the database is unavailable")
 
     @app.exception_handler(psycopg.OperationalError)
     async def database_unavailable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:

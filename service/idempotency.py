@@ -18,8 +18,8 @@ from fastapi import Header
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from service.db import Connection
 from service.errors import InvalidReference
+from service.pool import Connection
 
 M = TypeVar("M", bound=BaseModel)
 

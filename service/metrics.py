@@ -8,23 +8,25 @@ histograms are summed over the replica's workers, dead ones included, so rates n
 jump backwards when a worker is replaced.
 
 Custom collectors cannot work across processes, so each worker pushes its pool's
-statistics into gauges and counters from a periodic task (`publish_pool_stats`).
+statistics into gauges and counters from a periodic task (the pool keeper's tick,
+service/pool.py, calls `PoolRecorder.record`).
 docs/metrics.md lists every metric; tests check that list against this module.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
+import os
 import time
 from collections import Counter as Counter_
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
-from psycopg_pool import AsyncConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from service.pool import PoolHealth, PoolKeeper
 
 logger = logging.getLogger("service.metrics")
 
@@ -81,6 +83,45 @@ STATEMENT_REQUESTS = Histogram(
     ["statement"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+POOL_UNAVAILABLE = Counter(
+    "pgscale_pool_unavailable",
+    "Requests refused at once while the worker's probe finds the database path down (503).",
+)
+# Per worker (a `pid` label, like the gauges): which worker's pool struggles matters.
+POOL_RECONNECT_ATTEMPTS = Counter(
+    "pgscale_pool_reconnect_attempts",
+    "Connection attempts by the worker's pool (opening, growing, replacing lost ones).",
+    ["pid"],
+)
+POOL_RECONNECT_FAILURES = Counter(
+    "pgscale_pool_reconnect_failures",
+    "Connection attempts by the worker's pool that failed.",
+    ["pid"],
+)
+POOL_RECONNECTS_GIVEN_UP = Counter(
+    "pgscale_pool_reconnects_given_up",
+    "Connections the pool stopped retrying after POOL_RECONNECT_TIMEOUT.",
+    ["pid"],
+)
+POOL_REPLACEMENTS = Counter(
+    "pgscale_pool_replacements",
+    "Pools replaced by a fresh one: the database path came back while the pool had"
+    " no connection (service/pool.py).",
+    ["pid"],
+)
+POOL_SECONDS_WITHOUT_CONNECTION = _worker_gauge(
+    "pgscale_pool_seconds_without_connection",
+    "Seconds since the worker's pool last held a connection, while it needs one"
+    " (0 while it holds one, or needs none).",
+)
+POOL_DATABASE_DOWN = _worker_gauge(
+    "pgscale_pool_database_down",
+    "1 while the worker's probe finds the database path down (requests refused at once).",
+)
+DB_CALLS_ABANDONED = _worker_gauge(
+    "pgscale_db_calls_abandoned",
+    "Database calls past DB_DEADLINE (answered 503) still cleaning up in the background.",
+)
 POOL_BAD_RETURNS = Counter(
     "pgscale_pool_bad_returns",
     "Connections returned to the pool in a bad state (and discarded).",
@@ -113,6 +154,7 @@ class PoolObserver(Protocol):
     def timed_out(self) -> None: ...
     def rejected(self) -> None: ...
     def deadline_exceeded(self) -> None: ...
+    def unavailable(self) -> None: ...
     def statement_sizes(self, statement: str) -> TalliedHistogram | None: ...
 
 
@@ -134,6 +176,9 @@ class NullPoolObserver:
     def deadline_exceeded(self) -> None:
         pass
 
+    def unavailable(self) -> None:
+        pass
+
 
 class PrometheusPoolObserver:
     """Checkout outcomes into the metrics above."""
@@ -150,48 +195,54 @@ class PrometheusPoolObserver:
     def deadline_exceeded(self) -> None:
         DB_DEADLINE_EXCEEDED.inc()
 
+    def unavailable(self) -> None:
+        POOL_UNAVAILABLE.inc()
+
     def statement_sizes(self, statement: str) -> TalliedHistogram | None:
         return TALLY.statement_sizes(statement)
 
 
-def record_pool_stats(pool: AsyncConnectionPool[Any], queued: int) -> None:
-    """Copy one snapshot of the pool's statistics into the metrics.
+class PoolRecorder:
+    """One worker's pool, into the metrics above, once per keeper tick.
 
-    `pop_stats` resets the pool's counters, so each call adds what happened since the
-    last one. Keys may be absent when zero. `queued`: requests waiting in the worker's
-    CheckoutQueue (service/checkout.py), in front of the pool's own queue.
+    The keeper's tick pops the pool's statistics (`pop_stats` resets its counters, so
+    each tick adds what happened since the last one; keys may be absent when zero).
+    `waiting` is the worker's own exact count (service/db.py `Database.waiting`).
+    Made in the worker, after the fork: the `pid` labels are the worker's.
     """
-    stats = pool.pop_stats()
-    size = stats.get("pool_size", 0)
-    available = stats.get("pool_available", 0)
-    POOL_MIN.set(stats.get("pool_min", pool.min_size))
-    POOL_MAX.set(stats.get("pool_max", pool.max_size))
-    POOL_SIZE.set(size)
-    POOL_AVAILABLE.set(available)
-    POOL_IN_USE.set(max(0, size - available))
-    POOL_WAITING.set(queued + stats.get("requests_waiting", 0))
-    POOL_CONNECTION_ERRORS.inc(stats.get("connections_errors", 0))
-    POOL_CONNECTIONS_LOST.inc(stats.get("connections_lost", 0))
-    POOL_BAD_RETURNS.inc(stats.get("returns_bad", 0))
 
+    def __init__(self) -> None:
+        pid = str(os.getpid())
+        self._attempts = POOL_RECONNECT_ATTEMPTS.labels(pid)
+        self._failures = POOL_RECONNECT_FAILURES.labels(pid)
+        self._given_up = POOL_RECONNECTS_GIVEN_UP.labels(pid)
+        self._replacements = POOL_REPLACEMENTS.labels(pid)
+        self._seen_given_up = 0
+        self._seen_replacements = 0
 
-async def publish_pool_stats(
-    pool: AsyncConnectionPool[Any], interval: float, queued: Callable[[], int]
-) -> None:
-    """Record the pool's statistics and the HTTP tally every `interval` s until cancelled.
-
-    `queued()`: how many requests wait in the worker's CheckoutQueue now.
-    """
-    try:
-        while True:
-            try:
-                record_pool_stats(pool, queued())
-                TALLY.flush()
-            except Exception:  # a metrics hiccup must never take the worker down
-                logger.exception("could not record pool statistics")
-            await asyncio.sleep(interval)
-    finally:
-        TALLY.flush()  # shutting down: what was counted since the last flush still counts
+    def record(self, keeper: PoolKeeper, health: PoolHealth, waiting: int, abandoned: int) -> None:
+        stats = health.stats
+        size = stats.get("pool_size", 0)
+        available = stats.get("pool_available", 0)
+        POOL_MIN.set(stats.get("pool_min", keeper.pool.min_size))
+        POOL_MAX.set(stats.get("pool_max", keeper.pool.max_size))
+        POOL_SIZE.set(size)
+        POOL_AVAILABLE.set(available)
+        POOL_IN_USE.set(keeper.in_use)
+        POOL_WAITING.set(waiting)
+        POOL_CONNECTION_ERRORS.inc(health.failures)
+        POOL_CONNECTIONS_LOST.inc(stats.get("connections_lost", 0))
+        POOL_BAD_RETURNS.inc(stats.get("returns_bad", 0))
+        self._attempts.inc(health.attempts)
+        self._failures.inc(health.failures)
+        self._given_up.inc(keeper.gave_up_connections - self._seen_given_up)
+        self._seen_given_up = keeper.gave_up_connections
+        self._replacements.inc(keeper.replacements - self._seen_replacements)
+        self._seen_replacements = keeper.replacements
+        POOL_SECONDS_WITHOUT_CONNECTION.set(health.without_connection)
+        POOL_DATABASE_DOWN.set(1 if keeper.down else 0)
+        DB_CALLS_ABANDONED.set(abandoned)
+        TALLY.flush()
 
 
 class TalliedHistogram:

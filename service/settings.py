@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     pool_max_idle: float = Field(
         default=300.0, gt=0, description="Seconds an idle connection above pool_min is kept."
     )
+    pool_reconnect_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds the pool retries a lost connection before giving it up"
+        " (psycopg_pool's reconnect_timeout; the worker recovers either way).",
+    )
 
     prepared_statements: bool = Field(
         default=False,

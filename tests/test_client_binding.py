@@ -17,9 +17,11 @@ from psycopg import pq
 from psycopg.rows import DictRow
 
 from service import sql
-from service.db import Database, create_pool, open_pool
+from service.db import Database
+from service.pool import PoolKeeper
+from service.prepared import prepare_threshold
 from service.routes.visits import visits_recorded
-from service.settings import Settings
+from service.settings import DeploymentSettings, Settings
 from tests.conftest import Databases
 
 T = TypeVar("T")
@@ -34,10 +36,11 @@ def traced(
     names of the messages the client sent while it ran."""
 
     async def scenario() -> T:
-        pool = create_pool(settings)
-        await open_pool(pool, settings)
+        keeper = PoolKeeper(settings, prepare_threshold(settings, DeploymentSettings()))
+        await keeper.open()
+        pool = keeper.pool
         try:
-            db = Database(pool, settings)
+            db = Database(keeper, settings)
             async with pool.connection() as conn:  # the only one: every read uses it
                 conn.pgconn.trace(out.fileno())
                 conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
@@ -47,7 +50,7 @@ def traced(
                 async with pool.connection() as conn:
                     conn.pgconn.untrace()
         finally:
-            await pool.close()
+            await keeper.close()
 
     with trace.open("w") as out:
         result = asyncio.run(scenario())

@@ -12,7 +12,7 @@ import pytest
 from infra.localstack import procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
-from service.db import spoke_unasked
+from service.pool import spoke_unasked
 from tests.conftest import APP, Databases, StartService, make_items, stopped
 
 POOL_TIMEOUT = 1.0

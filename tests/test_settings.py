@@ -46,12 +46,12 @@ def test_bad_dsn_fails_the_worker_fast() -> None:
 
     from psycopg_pool import PoolTimeout
 
-    from service.db import create_pool, open_pool
+    from service.pool import create_pool, open_pool
 
     settings = Settings(database_url="postgresql://app@127.0.0.1:1/app", pool_open_timeout=1)
 
     async def open_it() -> None:
-        pool = create_pool(settings)
+        pool = create_pool(settings, None)
         try:
             await open_pool(pool, settings)
         finally:

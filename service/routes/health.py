@@ -8,13 +8,13 @@ from fastapi.responses import JSONResponse
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.deps import app_settings, database
-from service.errors import problem
+from service.errors import DatabaseDown, problem
 from service.schemas import Health, problem_responses
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("service.health")
 
-NOT_READY = (TimeoutError, PoolTimeout, TooManyRequests, PoolClosed, psycopg.Error)
+NOT_READY = (TimeoutError, PoolTimeout, TooManyRequests, PoolClosed, DatabaseDown, psycopg.Error)
 
 
 @router.get("/healthz")

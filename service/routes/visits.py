@@ -8,10 +8,11 @@ from pydantic import TypeAdapter
 
 from service import sql
 from service.coalesce import Coalescer
-from service.db import Connection, Database
+from service.db import Database
 from service.deps import database, visit_writes
 from service.errors import InvalidReference
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
+from service.pool import Connection
 from service.responses import JSONBytes
 from service.schemas import (
     BIGINT_MAX,
