@@ -30,7 +30,7 @@ import yaml
 
 from infra.docker import compose, targets
 from infra.k8s import check as k8s
-from infra.k8s import sync
+from infra.k8s import rendered, sync
 from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.render import render
@@ -684,6 +684,44 @@ def configmap_data(docs: list[Manifest], prefix: str) -> dict[str, str]:
     assert len(found) == 1, prefix
     data: dict[str, str] = found[0]["data"]
     return data
+
+
+RENDERED = REPO / "tests" / "fixtures" / "k8s-rendered.json"
+
+
+def test_k8s_renders_the_objects_the_fixture_records(manifests: dict[str, list[Manifest]]) -> None:
+    """Same kinds, names (hash suffixes aside) and contents as tests/fixtures/k8s-rendered.json.
+
+    The fixture was written by `python -m infra.k8s.rendered` before k8s/ read infra/
+    through kustomizations of its own: a layout change must leave this test alone.
+    """
+    recorded = json.loads(RENDERED.read_text())
+    now = {"base": rendered.digests(k8s.render(REPO / "k8s" / "base"))}
+    now.update({f"overlays/{name}": rendered.digests(docs) for name, docs in manifests.items()})
+    assert sorted(now) == sorted(recorded)
+    for target, digests in now.items():
+        wanted = recorded[target]
+        assert sorted(digests) == sorted(wanted), target
+        changed = sorted(name for name in digests if digests[name] != wanted[name])
+        assert changed == [], (
+            f"{target} renders {changed} differently; if meant, rewrite the fixture:"
+            " python -m infra.k8s.rendered > tests/fixtures/k8s-rendered.json"
+        )
+
+
+def test_rendered_digests_ignore_name_hashes_but_not_contents(docs: list[Manifest]) -> None:
+    before = rendered.digests(docs)
+    config = next(d for d in docs if d["metadata"]["name"].startswith("pgbouncer-config-"))
+    hashed = config["metadata"]["name"]
+    for doc in docs:  # another hash, the way kustomize would rename it and its references
+        for volume in doc.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
+            if volume.get("configMap", {}).get("name") == hashed:
+                volume["configMap"]["name"] = "pgbouncer-config-bcdfghkmt2"
+    config["metadata"]["name"] = "pgbouncer-config-bcdfghkmt2"
+    assert rendered.digests(docs) == before
+    config["data"]["pgbouncer.ini"] += "\n"
+    assert rendered.digests(docs).keys() == before.keys()
+    assert rendered.digests(docs) != before
 
 
 def test_k8s_copies_of_infra_files_are_current() -> None:
