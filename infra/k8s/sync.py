@@ -23,7 +23,6 @@ K8S = REPO / "k8s"
 
 # Directories whose every file is a copy made here (so files without a source go).
 GENERATED_DIRS = (
-    K8S / "base" / "files",
     K8S / "components" / "postgres" / "files",
     K8S / "components" / "monitoring" / "dashboards",
 )
@@ -37,13 +36,9 @@ RULE_HEADER = (
 
 def copies() -> dict[Path, Path]:
     """Destination under k8s/ -> source under infra/."""
-    base = K8S / "base" / "files"
     postgres = K8S / "components" / "postgres" / "files"
     dashboards = K8S / "components" / "monitoring" / "dashboards"
     pairs = {
-        base / "pgbouncer.ini": INFRA / "pgbouncer" / "pgbouncer.ini",
-        base / "pgbouncer-userlist.txt": INFRA / "docker" / "pgbouncer-userlist.txt",
-        base / "render-config": INFRA / "docker" / "render-config",
         postgres / "postgresql.conf": INFRA / "postgres" / "postgresql.conf",
         postgres / "pg_hba.conf": INFRA / "postgres" / "pg_hba.conf",
         postgres / "pg_hba-network.conf": INFRA / "docker" / "pg_hba-network.conf",
