@@ -23,7 +23,6 @@ K8S = REPO / "k8s"
 
 # Directories whose every file is a copy made here (so files without a source go).
 GENERATED_DIRS = (
-    K8S / "components" / "postgres" / "files",
     K8S / "components" / "monitoring" / "dashboards",
 )
 PROMETHEUS_RULE = K8S / "components" / "monitoring" / "prometheusrule.yaml"
@@ -36,15 +35,8 @@ RULE_HEADER = (
 
 def copies() -> dict[Path, Path]:
     """Destination under k8s/ -> source under infra/."""
-    postgres = K8S / "components" / "postgres" / "files"
     dashboards = K8S / "components" / "monitoring" / "dashboards"
-    pairs = {
-        postgres / "postgresql.conf": INFRA / "postgres" / "postgresql.conf",
-        postgres / "pg_hba.conf": INFRA / "postgres" / "pg_hba.conf",
-        postgres / "pg_hba-network.conf": INFRA / "docker" / "pg_hba-network.conf",
-        postgres / "postgres-init.sh": INFRA / "docker" / "postgres-init.sh",
-        postgres / "render-config": INFRA / "docker" / "render-config",
-    }
+    pairs: dict[Path, Path] = {}
     for source in sorted((INFRA / "grafana" / "dashboards").glob("*.json")):
         pairs[dashboards / source.name] = source
     return pairs
