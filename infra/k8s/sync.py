@@ -22,9 +22,7 @@ REPO = INFRA.parent
 K8S = REPO / "k8s"
 
 # Directories whose every file is a copy made here (so files without a source go).
-GENERATED_DIRS = (
-    K8S / "components" / "monitoring" / "dashboards",
-)
+GENERATED_DIRS: tuple[Path, ...] = ()
 PROMETHEUS_RULE = K8S / "components" / "monitoring" / "prometheusrule.yaml"
 
 RULE_HEADER = (
@@ -35,11 +33,7 @@ RULE_HEADER = (
 
 def copies() -> dict[Path, Path]:
     """Destination under k8s/ -> source under infra/."""
-    dashboards = K8S / "components" / "monitoring" / "dashboards"
-    pairs: dict[Path, Path] = {}
-    for source in sorted((INFRA / "grafana" / "dashboards").glob("*.json")):
-        pairs[dashboards / source.name] = source
-    return pairs
+    return {}
 
 
 class _Dumper(yaml.SafeDumper):
