@@ -724,13 +724,37 @@ def test_rendered_digests_ignore_name_hashes_but_not_contents(docs: list[Manifes
     assert rendered.digests(docs) != before
 
 
-def test_k8s_copies_of_infra_files_are_current() -> None:
-    """k8s/ holds copies (kustomize reads nothing outside it); each equals its source."""
+def infra_copies(directory: Path) -> dict[str, str]:
+    """Files under `directory` whose bytes are an infra/ file's -> that file."""
+    infra = {path.read_bytes(): path for path in INFRA.rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(directory)): str(infra[path.read_bytes()].relative_to(REPO))
+        for path in directory.rglob("*")
+        if path.is_file() and path.read_bytes() in infra
+    }
+
+
+def test_k8s_holds_no_copy_of_an_infra_file(tmp_path: Path) -> None:
+    """k8s/ reads infra/ through kustomizations in infra/: no file of it is infra's again."""
+    assert infra_copies(REPO / "k8s") == {}
+    shutil.copy(RENDER_CONFIG, tmp_path / "render-config")
+    assert infra_copies(tmp_path) == {"render-config": "infra/docker/render-config"}
+
+
+def test_prometheusrule_is_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one file written from infra/ (kustomize cannot nest the rules), and its control."""
+    assert sync.differences() == []
+    stale = tmp_path / "prometheusrule.yaml"
+    stale.write_text(sync.prometheus_rule().replace("for: 5m", "for: 6m", 1))
+    monkeypatch.setattr(sync, "PROMETHEUS_RULE", stale)
+    monkeypatch.setattr(sync, "REPO", tmp_path)
+    assert sync.differences() == ["prometheusrule.yaml: differs from infra/prometheus/rules/"]
+    assert sync.main([]) == 0
     assert sync.differences() == []
 
 
 def test_k8s_runs_infras_config_files(docs: list[Manifest]) -> None:
-    """What the ConfigMaps deliver is infra's bytes, whatever the copies on disk say."""
+    """What the ConfigMaps deliver is infra's bytes, read by the kustomizations in infra/."""
     pgbouncer = configmap_data(docs, "pgbouncer-config")
     assert pgbouncer == {
         "pgbouncer.ini": (INFRA / "pgbouncer" / "pgbouncer.ini").read_text(),
