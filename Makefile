@@ -73,7 +73,8 @@ ONLY ?=
 faults: setup
 	$(PY) -m tests.faults $(if $(ONLY),--only $(ONLY))
 
-# k8s/ holds copies of infra/ files (kustomize reads nothing outside its directory).
+# k8s/'s PrometheusRule, written from infra/prometheus/rules/ (kustomize cannot nest them;
+# every other infra/ file k8s/ uses is read in place by a kustomization in infra/).
 k8s-sync: setup
 	$(PY) -m infra.k8s.sync
 

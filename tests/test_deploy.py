@@ -30,7 +30,7 @@ import yaml
 
 from infra.docker import compose, targets
 from infra.k8s import check as k8s
-from infra.k8s import sync
+from infra.k8s import rendered, sync
 from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.render import render
@@ -686,13 +686,75 @@ def configmap_data(docs: list[Manifest], prefix: str) -> dict[str, str]:
     return data
 
 
-def test_k8s_copies_of_infra_files_are_current() -> None:
-    """k8s/ holds copies (kustomize reads nothing outside it); each equals its source."""
+RENDERED = REPO / "tests" / "fixtures" / "k8s-rendered.json"
+
+
+def test_k8s_renders_the_objects_the_fixture_records(manifests: dict[str, list[Manifest]]) -> None:
+    """Same kinds, names (hash suffixes aside) and contents as tests/fixtures/k8s-rendered.json.
+
+    The fixture was written by `python -m infra.k8s.rendered` before k8s/ read infra/
+    through kustomizations of its own: a layout change must leave this test alone.
+    """
+    recorded = json.loads(RENDERED.read_text())
+    now = {"base": rendered.digests(k8s.render(REPO / "k8s" / "base"))}
+    now.update({f"overlays/{name}": rendered.digests(docs) for name, docs in manifests.items()})
+    assert sorted(now) == sorted(recorded)
+    for target, digests in now.items():
+        wanted = recorded[target]
+        assert sorted(digests) == sorted(wanted), target
+        changed = sorted(name for name in digests if digests[name] != wanted[name])
+        assert changed == [], (
+            f"{target} renders {changed} differently; if meant, rewrite the fixture:"
+            " python -m infra.k8s.rendered > tests/fixtures/k8s-rendered.json"
+        )
+
+
+def test_rendered_digests_ignore_name_hashes_but_not_contents(docs: list[Manifest]) -> None:
+    before = rendered.digests(docs)
+    config = next(d for d in docs if d["metadata"]["name"].startswith("pgbouncer-config-"))
+    hashed = config["metadata"]["name"]
+    for doc in docs:  # another hash, the way kustomize would rename it and its references
+        for volume in doc.get("spec", {}).get("template", {}).get("spec", {}).get("volumes", []):
+            if volume.get("configMap", {}).get("name") == hashed:
+                volume["configMap"]["name"] = "pgbouncer-config-bcdfghkmt2"
+    config["metadata"]["name"] = "pgbouncer-config-bcdfghkmt2"
+    assert rendered.digests(docs) == before
+    config["data"]["pgbouncer.ini"] += "\n"
+    assert rendered.digests(docs).keys() == before.keys()
+    assert rendered.digests(docs) != before
+
+
+def infra_copies(directory: Path) -> dict[str, str]:
+    """Files under `directory` whose bytes are an infra/ file's -> that file."""
+    infra = {path.read_bytes(): path for path in INFRA.rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(directory)): str(infra[path.read_bytes()].relative_to(REPO))
+        for path in directory.rglob("*")
+        if path.is_file() and path.read_bytes() in infra
+    }
+
+
+def test_k8s_holds_no_copy_of_an_infra_file(tmp_path: Path) -> None:
+    """k8s/ reads infra/ through kustomizations in infra/: no file of it is infra's again."""
+    assert infra_copies(REPO / "k8s") == {}
+    shutil.copy(RENDER_CONFIG, tmp_path / "render-config")
+    assert infra_copies(tmp_path) == {"render-config": "infra/docker/render-config"}
+
+
+def test_prometheusrule_is_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one file written from infra/ (kustomize cannot nest the rules), and its control."""
+    assert sync.differences() == []
+    stale = tmp_path / "prometheusrule.yaml"
+    stale.write_text(sync.prometheus_rule().replace("for: 5m", "for: 6m", 1))
+    monkeypatch.setattr(sync, "PROMETHEUS_RULE", stale)
+    monkeypatch.setattr(sync, "REPO", tmp_path)
+    assert sync.differences() == ["prometheusrule.yaml: differs from infra/prometheus/rules/"]
+    assert sync.main([]) == 0
     assert sync.differences() == []
 
 
 def test_k8s_runs_infras_config_files(docs: list[Manifest]) -> None:
-    """What the ConfigMaps deliver is infra's bytes, whatever the copies on disk say."""
+    """What the ConfigMaps deliver is infra's bytes, read by the kustomizations in infra/."""
     pgbouncer = configmap_data(docs, "pgbouncer-config")
     assert pgbouncer == {
         "pgbouncer.ini": (INFRA / "pgbouncer" / "pgbouncer.ini").read_text(),
