@@ -2,7 +2,8 @@
 
 Two sides (README.md, "The connection budget"). App pools -> PgBouncer:
 `R * W * POOL_MAX` client connections at peak (`R * W * POOL_MIN` at rest) against
-`instances * max_client_conn`, less the other clients of each PgBouncer and an allowance for uneven balancing.
+`instances * max_client_conn`, less the other clients of each PgBouncer and an allowance
+for uneven balancing.
 PgBouncer -> PostgreSQL: `instances * pools * (default_pool_size + reserve_pool_size)`
 server connections (capped per instance by `max_db_connections`) against
 `max_connections - superuser_reserved_connections - other direct clients`. In direct

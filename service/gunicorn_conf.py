@@ -23,6 +23,7 @@ from service.prepared import (
     describe_prepared_statements,
     prepare_threshold,
 )
+from service.rules import timeout_problems
 from service.settings import DeploymentSettings, get_settings
 
 _settings = get_settings()
@@ -62,14 +63,13 @@ preload_app = True
 def on_starting(server: Any) -> None:
     """Refuse a replica that cannot fit the deployment, or prepared statements unsafe here."""
     deployment = DeploymentSettings()
-    if (
-        deployment.via_pgbouncer
-        and deployment.pgbouncer_query_wait_timeout >= _settings.db_deadline
-    ):
-        raise SystemExit(
-            f"PGBOUNCER_QUERY_WAIT_TIMEOUT ({deployment.pgbouncer_query_wait_timeout}s) must be"
-            f" below DB_DEADLINE ({_settings.db_deadline}s), so PgBouncer gives up first"
-        )
+    problems = timeout_problems(
+        query_wait_timeout=deployment.pgbouncer_query_wait_timeout,
+        db_deadline=_settings.db_deadline,
+        via_pgbouncer=deployment.via_pgbouncer,
+    )
+    if problems:
+        raise SystemExit("; ".join(problems))
     try:
         guard(deployment_topology(_settings, deployment), server.log)
         threshold = prepare_threshold(_settings, deployment)

@@ -1040,3 +1040,12 @@ def test_network_policy_evaluator_sees_an_opened_door(docs: list[Manifest]) -> N
     )
     policy["spec"]["egress"].append({"ports": [{"protocol": "TCP", "port": 5432}]})
     assert allowed(docs, Endpoint("api"), OUTSIDE, 5432)
+
+
+def test_k8s_check_holds_the_deadline_above_pgbouncers_query_wait(docs: list[Manifest]) -> None:
+    """The same rule the replica's start-up, the local stack and compose apply."""
+    assert k8s.timeout_order_problems(docs) == []
+    api = k8s.container(k8s.find(docs, "Deployment", "api"), "api")
+    api.setdefault("env", []).append({"name": "DB_DEADLINE", "value": "1"})
+    problems = k8s.overlay_problems(docs)
+    assert any("must be below DB_DEADLINE (1s)" in p for p in problems), problems

@@ -13,7 +13,6 @@ holds, 1 when not. tests/test_deploy.py runs the same checks.
 from __future__ import annotations
 
 import argparse
-import configparser
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ import yaml
 
 from service.budget import SHARED_LIMITS, Topology, check, environment_topology
 from service.budget import render as render_budget
+from service.rules import pool_mode_problems, timeout_problems
 
 REPO = Path(__file__).resolve().parent.parent.parent
 COMPOSE_FILE = REPO / "compose.yaml"
@@ -108,30 +108,6 @@ def topology(model: Mapping[str, Any]) -> Topology:
     return environment_topology(api, replicas=int(api["REPLICAS"]), instances=bouncers)
 
 
-def pool_mode_problems(ini: str, where: str) -> list[str]:
-    """Anything in a pgbouncer.ini (template) but transaction pooling, said plainly.
-
-    Shared with the k8s check: both deployments must run PgBouncer in transaction mode,
-    the mode every rule of the service (no prepared statements, no session state)
-    assumes, and the one that multiplexes R x W x P clients onto few servers.
-    """
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
-    try:
-        parser.read_string(ini)
-    except configparser.Error as exc:
-        return [f"{where}: not a valid ini file ({exc})"]
-    problems = []
-    mode = parser.get("pgbouncer", "pool_mode", fallback=None)
-    if mode != "transaction":
-        problems.append(f"{where}: pool_mode = {mode} in [pgbouncer], not transaction")
-    if parser.has_section("databases"):
-        for name, value in parser.items("databases"):
-            found = re.search(r"\bpool_mode\s*=\s*(\w+)", value)
-            if found and found[1] != "transaction":
-                problems.append(f"{where}: database {name} overrides pool_mode = {found[1]}")
-    return problems
-
-
 def _host_path(model: Mapping[str, Any], service: str, target: str) -> Path | None:
     """The host file bind-mounted at `target` in `service`, if any."""
     for volume in model["services"][service].get("volumes", []):
@@ -163,8 +139,10 @@ def problems(model: Mapping[str, Any]) -> list[str]:
                     f"{service} runs with {name}={theirs[name]} but the replicas' guard"
                     f" checks {api.get(name)}"
                 )
-    if int(api["PGBOUNCER_QUERY_WAIT_TIMEOUT"]) >= float(api["DB_DEADLINE"]):
-        found.append("PGBOUNCER_QUERY_WAIT_TIMEOUT must be below DB_DEADLINE")
+    found += timeout_problems(
+        query_wait_timeout=float(api["PGBOUNCER_QUERY_WAIT_TIMEOUT"]),
+        db_deadline=float(api["DB_DEADLINE"]),
+    )
     servers = environment(model, "lb").get("HAPROXY_SERVERS", "")
     slots = re.search(r"server-template\s+\S+\s+1-(\d+)\s", servers)
     if not slots or slots[1] != api["REPLICAS"]:

@@ -34,7 +34,6 @@ from typing import Any
 
 import yaml
 
-from infra.docker.compose import pool_mode_problems
 from service.budget import (
     SHARED_LIMITS,
     AppShape,
@@ -47,6 +46,8 @@ from service.budget import (
     max_safe_replicas,
 )
 from service.budget import render as render_budget
+from service.rules import pool_mode_problems, timeout_problems
+from service.settings import Settings
 
 Manifest = dict[str, Any]
 
@@ -357,9 +358,19 @@ def pgbouncer_problems(docs: list[Manifest]) -> list[str]:
     return found
 
 
+def timeout_order_problems(docs: list[Manifest]) -> list[str]:
+    """The API's deadline against PgBouncer's query_wait_timeout (service/rules.py)."""
+    env = container_env(docs, find(docs, "Deployment", "api"), "api")
+    return timeout_problems(
+        query_wait_timeout=float(env["PGBOUNCER_QUERY_WAIT_TIMEOUT"]),
+        db_deadline=float(env.get("DB_DEADLINE") or Settings().db_deadline),
+        via_pgbouncer=env.get("VIA_PGBOUNCER", "true").lower() == "true",
+    )
+
+
 def overlay_problems(docs: list[Manifest]) -> list[str]:
     """Every problem the checks above find in one rendered overlay."""
-    return budget_problems(docs) + pgbouncer_problems(docs)
+    return budget_problems(docs) + pgbouncer_problems(docs) + timeout_order_problems(docs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
 from service.budget import Budget, check, deployment_topology
+from service.rules import timeout_problems
 from service.settings import DeploymentSettings, Settings
 
 APP_ROLE = "app"
@@ -192,12 +193,13 @@ class Stack:
                 + f" (at most {budget.max_safe_replicas} replicas of this shape fit;"
                 " python -m service.budget shows the arithmetic)"
             )
-        if self.settings.pgbouncer_query_wait_timeout >= service.db_deadline:
-            raise procs.StackError(
-                f"PGBOUNCER_QUERY_WAIT_TIMEOUT ({self.settings.pgbouncer_query_wait_timeout}s)"
-                f" must be below DB_DEADLINE ({service.db_deadline}s), so PgBouncer gives up"
-                " before the service does"
-            )
+        problems = timeout_problems(
+            query_wait_timeout=self.settings.pgbouncer_query_wait_timeout,
+            db_deadline=service.db_deadline,
+            via_pgbouncer=self.settings.via_pgbouncer,
+        )
+        if problems:
+            raise procs.StackError("; ".join(problems))
         return service
 
     def up(self, *, enforce_budget: bool = True) -> None:
