@@ -46,6 +46,7 @@ class Phase:
     recorder: Recorder
     ledger: Ledger
     items: list[int]  # items this phase writes to (the first `reserved` kept from the load)
+    load: Load | None = None  # the steady load, for faults that pause it
     fault_at: float | None = None
     cleared_at: float | None = None
     checks: list[Check] = field(default_factory=list)
@@ -73,6 +74,16 @@ class Phase:
     def since_fault(self) -> float:
         assert self.fault_at is not None
         return time.monotonic() - self.fault_at
+
+    def pause_load(self) -> None:
+        """No client traffic from here on (only haproxy's health checks) until
+        `resume_load`; checked, since a fault without traffic claims it."""
+        assert self.load is not None
+        self.check("the load paused before the fault", self.load.pause())
+
+    def resume_load(self) -> None:
+        assert self.load is not None
+        self.load.resume()
 
 
 FaultRun = Callable[[Phase], None]
@@ -140,6 +151,7 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
         think=timing.think,
         timeout=tuning.client_timeout,
     )
+    phase.load = load
     load.start()
     try:
         time.sleep(timing.warmup)
@@ -147,7 +159,9 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
             fault.run(phase)
         except Exception as exc:  # the row reports it; the next fault needs a healthy stack
             phase.check("the fault ran as planned", False, f"{type(exc).__name__}: {exc}")
+            load.resume()
             repair(harness)
+        load.resume()
         if phase.fault_at is None:
             phase.fault()
         if phase.cleared_at is None:
