@@ -112,6 +112,7 @@ class Timing:
     warmup: float = 2.0
     settle: float = 1.0  # load after recovery, to see it hold
     recover_within: float = 30.0
+    ready_within: float = 30.0  # how long to ask every replica's /readyz after the fault
     streak: int = 20  # consecutive successes that count as recovered
     drain: float = 20.0
     threads: int = 6
@@ -153,6 +154,7 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
     )
     phase.load = load
     load.start()
+    ready: float | None = None
     try:
         time.sleep(timing.warmup)
         try:
@@ -168,6 +170,8 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
             phase.cleared()
         assert phase.cleared_at is not None
         cleared_at = phase.cleared_at
+        if procs.wait_until(harness.every_replica_ready, timing.ready_within, interval=0.1):
+            ready = max(0.0, time.monotonic() - cleared_at)
         procs.wait_until(
             lambda: recovery_seconds(recorder.attempts(), cleared_at, timing.streak) is not None,
             timing.recover_within,
@@ -196,6 +200,7 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
         over_bound=sum(1 for a in attempts if a.elapsed > tuning.bound),
         max_latency=max((a.elapsed for a in attempts), default=0.0),
         recovery=recovery_seconds(attempts, cleared_at, timing.streak),
+        ready=ready,
         fault_seconds=cleared_at - phase.fault_at,
         checks=phase.checks,
         notes=phase.notes,

@@ -212,6 +212,16 @@ class Harness:
                 pids.update(int(s.labels["pid"]) for s in family.samples if "pid" in s.labels)
         return pids
 
+    def every_replica_ready(self, streak: int | None = None) -> bool:
+        """Each replica's own /readyz (on its port, not through haproxy) answers 200
+        `streak` times in a row, each on a new connection (default: twice per worker,
+        so both workers' pools are likely asked)."""
+        streak = streak or 2 * self.tuning.workers
+        return all(
+            all(procs.http_status(f"{self.replica(i).url}/readyz") == 200 for _ in range(streak))
+            for i in range(1, self.tuning.replicas + 1)
+        )
+
     def lb_states(self) -> dict[str, str]:
         return self.stack.haproxy().server_states()
 
