@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -409,6 +410,64 @@ def pgbouncer_reload(phase: Phase) -> None:
     phase.cleared()
 
 
+def outage_for(reconnect_timeout: float) -> float:
+    """How long an outage `past the reconnect timeout` lasts: twice it, or 30 s past it
+    when that is shorter (the long variants: 330 s for psycopg_pool's 300 s)."""
+    return min(2 * reconnect_timeout, reconnect_timeout + 30.0)
+
+
+def gave_up_lines(text: str) -> int:
+    """psycopg_pool's warning when it stops retrying a connection, in a replica's log."""
+    return len(re.findall(r"reconnection attempt in pool '[^']*' failed after", text))
+
+
+def outage_past_reconnect(component: str) -> FaultRun:
+    """`component` ("pgbouncer" or "postgres") down longer than POOL_RECONNECT_TIMEOUT,
+    with no client traffic meanwhile: the load pauses before the fault and resumes when
+    the component is back (accepting), so only haproxy's health checks reach the
+    replicas while it is down. Recovery counts from the component being back.
+    """
+
+    def run(phase: Phase) -> None:
+        h = phase.harness
+        timeout = h.tuning.reconnect_timeout
+        outage = outage_for(timeout)
+        phase.pause_load()
+        with contextlib.ExitStack() as logs:
+            readers = [
+                logs.enter_context(log_since(h.replica(i).log))
+                for i in range(1, h.tuning.replicas + 1)
+            ]
+            phase.fault()
+            if component == "pgbouncer":
+                h.signal_pgbouncer(signal.SIGKILL)
+            else:
+                h.stack.postgres().stop(FAST)
+            phase.note(
+                f"{component} down for {outage:.0f} s, no client traffic;"
+                f" POOL_RECONNECT_TIMEOUT {timeout:g} s"
+                f"{'' if h.tuning.pool_reconnect_timeout is not None else ' (the default)'}"
+            )
+            time.sleep(outage)  # the outage itself: nothing to wait for
+            if component == "pgbouncer":
+                h.start_pgbouncer()
+            else:
+                h.stack.postgres().start()
+            phase.cleared()
+            phase.resume_load()
+            gave_up = [gave_up_lines(read()) for read in readers]
+        # Without this the row could pass without reaching the path it is about: a
+        # service that ignores POOL_RECONNECT_TIMEOUT retries for 300 s, and simply
+        # reconnects once the component is back.
+        phase.check(
+            "every replica's pools reached the reconnect timeout during the outage",
+            all(gave_up),
+            f"psycopg_pool's 'reconnection attempt ... failed after' per replica: {gave_up}",
+        )
+
+    return run
+
+
 # ---- PostgreSQL --------------------------------------------------------------------------
 
 
@@ -713,6 +772,11 @@ def catalogue() -> list[Fault]:
             pgbouncer_reload,
         ),
         Fault(
+            "pgbouncer-outage-quiet",
+            "PgBouncer down for twice POOL_RECONNECT_TIMEOUT with no client traffic.",
+            outage_past_reconnect("pgbouncer"),
+        ),
+        Fault(
             "postgres-fast",
             "PostgreSQL fast shutdown (SIGINT), down 1 s, started again.",
             postgres_restarted(FAST),
@@ -721,6 +785,11 @@ def catalogue() -> list[Fault]:
             "postgres-immediate",
             "PostgreSQL immediate shutdown (SIGQUIT: crash recovery at start), down 1 s.",
             postgres_restarted(IMMEDIATE),
+        ),
+        Fault(
+            "postgres-outage-quiet",
+            "PostgreSQL down (fast) for twice POOL_RECONNECT_TIMEOUT, no client traffic.",
+            outage_past_reconnect("postgres"),
         ),
         Fault(
             "network-cut",
