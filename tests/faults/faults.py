@@ -410,6 +410,34 @@ def pgbouncer_reload(phase: Phase) -> None:
     phase.cleared()
 
 
+def pgbouncer_flapping(times: int = 5, within: float = 20.0) -> FaultRun:
+    """PgBouncer killed (SIGKILL) and started again `times` times within `within` seconds.
+
+    Each cycle: killed, down a third of the cycle, started (and answering its console),
+    up for the rest; the fault clears when the last start returns.
+    """
+
+    def run(phase: Phase) -> None:
+        h = phase.harness
+        cycle = within / times
+        phase.fault()
+        for n in range(times):
+            began = time.monotonic()
+            h.signal_pgbouncer(signal.SIGKILL)
+            time.sleep(cycle / 3)
+            h.start_pgbouncer()
+            if n < times - 1:
+                time.sleep(max(0.0, cycle - (time.monotonic() - began)))
+        phase.cleared()
+        phase.check(
+            f"{times} kills and restarts within {within:.0f} s",
+            phase.since_fault() <= within,
+            f"took {phase.since_fault():.1f} s",
+        )
+
+    return run
+
+
 def outage_for(reconnect_timeout: float) -> float:
     """How long an outage `past the reconnect timeout` lasts: twice it, or 30 s past it
     when that is shorter (the long variants: 330 s for psycopg_pool's 300 s)."""
@@ -770,6 +798,11 @@ def catalogue() -> list[Fault]:
             "pgbouncer-reload",
             "PgBouncer config rewritten and RELOADed three times.",
             pgbouncer_reload,
+        ),
+        Fault(
+            "pgbouncer-flapping",
+            "PgBouncer SIGKILLed and started again 5 times within 20 s, under load.",
+            pgbouncer_flapping(),
         ),
         Fault(
             "pgbouncer-outage-quiet",
