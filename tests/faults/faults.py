@@ -26,6 +26,7 @@ import psycopg
 
 from infra.localstack import procs
 from infra.localstack.postgres import FAST, IMMEDIATE
+from tests.faults.burst import connections_on_one_worker, fire_in_one_turn
 from tests.faults.harness import SEED_ITEMS, Harness
 from tests.faults.ledger import Ledger, audit
 from tests.faults.load import Attempt, Load, Recorder, post_visit, timed
@@ -616,6 +617,75 @@ def pool_exhaustion(phase: Phase) -> None:
     )
 
 
+def burst_one_turn(rounds: int = 3) -> FaultRun:
+    """GET /items/{id} (a coalesced read) in bursts that land on one worker of replica 1
+    in one turn of its event loop, with the load paused and the worker's pool idle.
+
+    Each burst is POOL_MAX + POOL_MAX_WAITING requests: what the worker's checkout
+    queue admits without refusing any (POOL_MAX hold a connection, POOL_MAX_WAITING
+    wait), so not one may get the 503 for pool pressure, least of all with a pooled
+    connection idle. tests/faults/burst.py says how the burst lands in one turn.
+    """
+
+    def run(phase: Phase) -> None:
+        h = phase.harness
+        t = h.tuning
+        size = t.pool_max + t.pool_max_waiting
+        replica = h.replica(1)
+        phase.pause_load()
+        with connections_on_one_worker(replica.port, h.worker_pids(1), size) as (worker, conns):
+
+            def idle() -> float:
+                return h.pool_gauges(1).get(worker, {}).get("pgscale_pool_connections_available", 0)
+
+            phase.fault()
+            for n in range(rounds):
+                # The gauges are snapshots every POOL_STATS_INTERVAL: wait for one that
+                # shows the worker's pool idle, with nothing waiting.
+                quiet = procs.wait_until(lambda: idle() >= 1, 10, interval=0.2)
+                before = h.pool_gauges(1).get(worker, {})
+                phase.check(
+                    f"burst {n + 1}: the worker's pool has an idle connection before it",
+                    quiet,
+                    _gauges(before),
+                )
+                ids = [1 + (n * size + i) % SEED_ITEMS for i in range(size)]
+                answers = fire_in_one_turn(
+                    worker, conns, [f"/items/{i}" for i in ids], phase.recorder
+                )
+                refused = [a for a in answers if a.status == 503]
+                phase.check(
+                    f"burst {n + 1}: {size} requests (POOL_MAX {t.pool_max} + POOL_MAX_WAITING"
+                    f" {t.pool_max_waiting}) in one turn, none refused for pool pressure",
+                    not refused and all(a.ok for a in answers),
+                    f"answers {_statuses(answers)}; {len(refused)} 503"
+                    f" ({', '.join(sorted({a.detail or '-' for a in refused})) or '-'})"
+                    f" with {before.get('pgscale_pool_connections_available', 0):g} connection(s)"
+                    " idle just before",
+                )
+        phase.cleared()
+        phase.resume_load()
+
+    return run
+
+
+def _gauges(values: dict[str, float]) -> str:
+    short = {
+        "pgscale_pool_connections": "open",
+        "pgscale_pool_connections_available": "idle",
+        "pgscale_pool_connections_in_use": "in use",
+        "pgscale_pool_requests_waiting": "waiting",
+    }
+    return ", ".join(f"{label} {values.get(name, 0):g}" for name, label in short.items())
+
+
+def _statuses(attempts: list[Attempt]) -> str:
+    counts: dict[str, int] = {}
+    for a in attempts:
+        counts[a.outcome] = counts.get(a.outcome, 0) + 1
+    return " ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
+
+
 def span(attempts: list[Attempt]) -> str:
     if not attempts:
         return "-"
@@ -843,6 +913,11 @@ def catalogue() -> list[Fault]:
             "pool-exhaustion",
             "Every pool connection stuck behind a table lock, plus a burst of requests.",
             pool_exhaustion,
+        ),
+        Fault(
+            "burst-one-turn",
+            "Coalesced GET /items/{id} bursts into one worker in one event-loop turn.",
+            burst_one_turn(),
         ),
         Fault(
             "statement-timeout",

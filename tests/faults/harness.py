@@ -212,6 +212,19 @@ class Harness:
                 pids.update(int(s.labels["pid"]) for s in family.samples if "pid" in s.labels)
         return pids
 
+    def pool_gauges(self, index: int) -> dict[int, dict[str, float]]:
+        """Each worker's pool gauges on replica `index` now: {pid: {metric: value}}
+        (`pgscale_pool_connections_available`, `..._in_use`, `..._requests_waiting`, ...)."""
+        text = httpx.get(self.replica(index).metrics_url, timeout=5).text
+        gauges: dict[int, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.type != "gauge" or not family.name.startswith("pgscale_pool_"):
+                continue
+            for sample in family.samples:
+                if "pid" in sample.labels:
+                    gauges.setdefault(int(sample.labels["pid"]), {})[sample.name] = sample.value
+        return gauges
+
     def every_replica_ready(self, streak: int | None = None) -> bool:
         """Each replica's own /readyz (on its port, not through haproxy) answers 200
         `streak` times in a row, each on a new connection (default: twice per worker,
