@@ -16,7 +16,8 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
-.PHONY: setup up down status test lint typecheck pytest clean sweep bench faults k8s-sync deploy-check
+.PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long \
+	k8s-sync deploy-check
 
 setup: $(STAMP)
 
@@ -72,6 +73,11 @@ bench: setup
 ONLY ?=
 faults: setup
 	$(PY) -m tests.faults $(if $(ONLY),--only $(ONLY))
+
+# PgBouncer, then PostgreSQL, down 30 s past psycopg_pool's real 300 s reconnect timeout
+# with no client traffic (about 12 minutes); report in reports/faults/long/.
+faults-long: setup
+	$(PY) -m tests.faults --long $(if $(ONLY),--only $(ONLY))
 
 # k8s/ holds copies of infra/ files (kustomize reads nothing outside its directory).
 k8s-sync: setup

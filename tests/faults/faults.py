@@ -182,7 +182,11 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
         time.sleep(timing.settle)
     finally:
         load.stop(drain=timing.drain)
-    harness.wait_healthy()
+    try:
+        harness.wait_healthy()
+    except AssertionError as exc:  # the row says so; the next fault needs healthy replicas
+        phase.check("haproxy sees every replica UP again after the fault", False, str(exc))
+        phase.note(f"restarted to go on: {', '.join(restart_unready(harness)) or 'none'}")
     result = audit(harness.direct_url, ledger, items)
     attempts = recorder.attempts()
     assert phase.fault_at is not None
@@ -257,6 +261,20 @@ def repair(harness: Harness) -> None:
             replica.start()
             replica.wait_ready()
     harness.wait_healthy()
+
+
+def restart_unready(harness: Harness) -> list[str]:
+    """Restart every replica whose /readyz does not answer 200; their names."""
+    restarted = []
+    for index in range(1, harness.tuning.replicas + 1):
+        replica = harness.replica(index)
+        if not replica.ready():
+            replica.stop()
+            replica.start()
+            replica.wait_ready()
+            restarted.append(replica.name)
+    harness.wait_healthy()
+    return restarted
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -943,8 +961,25 @@ def catalogue() -> list[Fault]:
     ]
 
 
-def by_name(names: list[str]) -> list[Fault]:
-    known = {f.name: f for f in catalogue()}
+def long_catalogue() -> list[Fault]:
+    """`make faults-long`: the outages past psycopg_pool's real 300 s reconnect timeout
+    (run with POOL_RECONNECT_TIMEOUT unset), each about six minutes."""
+    return [
+        Fault(
+            "pgbouncer-outage-long",
+            "PgBouncer down 30 s past the default POOL_RECONNECT_TIMEOUT, no client traffic.",
+            outage_past_reconnect("pgbouncer"),
+        ),
+        Fault(
+            "postgres-outage-long",
+            "PostgreSQL down 30 s past the default POOL_RECONNECT_TIMEOUT, no client traffic.",
+            outage_past_reconnect("postgres"),
+        ),
+    ]
+
+
+def by_name(names: list[str], faults: list[Fault] | None = None) -> list[Fault]:
+    known = {f.name: f for f in (catalogue() if faults is None else faults)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {sorted(known)}")
