@@ -16,7 +16,8 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
-.PHONY: setup up down status test lint typecheck pytest clean sweep bench faults k8s-sync deploy-check
+.PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long soak \
+	k8s-sync deploy-check
 
 setup: $(STAMP)
 
@@ -72,6 +73,18 @@ bench: setup
 ONLY ?=
 faults: setup
 	$(PY) -m tests.faults $(if $(ONLY),--only $(ONLY))
+
+# PgBouncer, then PostgreSQL, down 30 s past psycopg_pool's real 300 s reconnect timeout
+# with no client traffic (about 12 minutes); report in reports/faults/long/.
+faults-long: setup
+	$(PY) -m tests.faults --long $(if $(ONLY),--only $(ONLY))
+
+# Mixed Locust load on a private stack, a fault every few minutes, each worker's RSS
+# and fds sampled; report in reports/soak/. `make soak DURATION=10m` (default 30m; the
+# sweep's DURATION default, in seconds, is not the soak's).
+SOAK_DURATION := $(if $(filter file,$(origin DURATION)),30m,$(DURATION))
+soak: setup
+	$(PY) -m loadtests.soak --duration $(SOAK_DURATION)
 
 # k8s/'s PrometheusRule, written from infra/prometheus/rules/ (kustomize cannot nest them;
 # every other infra/ file k8s/ uses is read in place by a kustomization in infra/).

@@ -1,8 +1,11 @@
-"""The fault suite's fast subset, inside `make test`: three faults under load, audited.
+"""The fault suite's fast subset, inside `make test`: four faults, audited.
 
 PgBouncer killed and restarted, the network to PgBouncer cut and restored, a replica
-sent SIGTERM with writes in flight: each under steady load through haproxy, with every
-acknowledged write checked in PostgreSQL afterwards. The whole catalogue is
+sent SIGTERM with writes in flight: each under steady load through haproxy. And
+PgBouncer down for twice POOL_RECONNECT_TIMEOUT (3 s here) with the load paused, only
+haproxy's health checks reaching the replicas: every pool must reach its reconnect
+timeout, and every replica be ready again within 5 s of PgBouncer's return. Every
+acknowledged write is checked in PostgreSQL afterwards. The whole catalogue is
 `python -m tests.faults` (`make faults`). Also here, cheaply: the proxy does what the
 faults rely on, the audit does catch lost and doubled writes, and the Idempotency-Key
 contract the load's retries rely on holds.
@@ -26,6 +29,7 @@ from tests.faults.faults import Timing, by_name, run_phase
 from tests.faults.harness import Harness, fault_stack
 from tests.faults.ledger import Ledger, Write, audit
 from tests.faults.proxy import TcpProxy, port_refuses
+from tests.faults.report import RECOVER_WITHIN
 from tests.faults.suite import durability
 
 pytestmark = pytest.mark.slow
@@ -40,7 +44,9 @@ def harness() -> Iterator[Harness]:
         yield running
 
 
-@pytest.mark.parametrize("name", ["pgbouncer-sigkill", "network-cut", "replica-sigterm"])
+@pytest.mark.parametrize(
+    "name", ["pgbouncer-sigkill", "network-cut", "replica-sigterm", "pgbouncer-outage-quiet"]
+)
 def test_fault_loses_nothing_and_never_hangs(harness: Harness, name: str) -> None:
     [fault] = by_name([name])
     row = run_phase(harness, fault, FAST)
@@ -53,6 +59,9 @@ def test_fault_loses_nothing_and_never_hangs(harness: Harness, name: str) -> Non
     assert "500" not in row.errors
     assert not row.unexpected_errors, context
     assert row.recovery is not None, context
+    assert row.recovery <= RECOVER_WITHIN, context
+    assert row.ready is not None, f"some replica never ready again: {context}"
+    assert row.ready <= RECOVER_WITHIN, context
     assert [c for c in row.checks if not c.ok] == []
     assert row.ok
 

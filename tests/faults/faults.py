@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ import psycopg
 
 from infra.localstack import procs
 from infra.localstack.postgres import FAST, IMMEDIATE
+from tests.faults.burst import connections_on_one_worker, fire_in_one_turn
 from tests.faults.harness import SEED_ITEMS, Harness
 from tests.faults.ledger import Ledger, audit
 from tests.faults.load import Attempt, Load, Recorder, post_visit, timed
@@ -46,6 +48,7 @@ class Phase:
     recorder: Recorder
     ledger: Ledger
     items: list[int]  # items this phase writes to (the first `reserved` kept from the load)
+    load: Load | None = None  # the steady load, for faults that pause it
     fault_at: float | None = None
     cleared_at: float | None = None
     checks: list[Check] = field(default_factory=list)
@@ -74,6 +77,16 @@ class Phase:
         assert self.fault_at is not None
         return time.monotonic() - self.fault_at
 
+    def pause_load(self) -> None:
+        """No client traffic from here on (only haproxy's health checks) until
+        `resume_load`; checked, since a fault without traffic claims it."""
+        assert self.load is not None
+        self.check("the load paused before the fault", self.load.pause())
+
+    def resume_load(self) -> None:
+        assert self.load is not None
+        self.load.resume()
+
 
 FaultRun = Callable[[Phase], None]
 
@@ -101,6 +114,7 @@ class Timing:
     warmup: float = 2.0
     settle: float = 1.0  # load after recovery, to see it hold
     recover_within: float = 30.0
+    ready_within: float = 30.0  # how long to ask every replica's /readyz after the fault
     streak: int = 20  # consecutive successes that count as recovered
     drain: float = 20.0
     threads: int = 6
@@ -140,20 +154,26 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
         think=timing.think,
         timeout=tuning.client_timeout,
     )
+    phase.load = load
     load.start()
+    ready: float | None = None
     try:
         time.sleep(timing.warmup)
         try:
             fault.run(phase)
         except Exception as exc:  # the row reports it; the next fault needs a healthy stack
             phase.check("the fault ran as planned", False, f"{type(exc).__name__}: {exc}")
+            load.resume()
             repair(harness)
+        load.resume()
         if phase.fault_at is None:
             phase.fault()
         if phase.cleared_at is None:
             phase.cleared()
         assert phase.cleared_at is not None
         cleared_at = phase.cleared_at
+        if procs.wait_until(harness.every_replica_ready, timing.ready_within, interval=0.1):
+            ready = max(0.0, time.monotonic() - cleared_at)
         procs.wait_until(
             lambda: recovery_seconds(recorder.attempts(), cleared_at, timing.streak) is not None,
             timing.recover_within,
@@ -162,7 +182,11 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
         time.sleep(timing.settle)
     finally:
         load.stop(drain=timing.drain)
-    harness.wait_healthy()
+    try:
+        harness.wait_healthy()
+    except AssertionError as exc:  # the row says so; the next fault needs healthy replicas
+        phase.check("haproxy sees every replica UP again after the fault", False, str(exc))
+        phase.note(f"restarted to go on: {', '.join(restart_unready(harness)) or 'none'}")
     result = audit(harness.direct_url, ledger, items)
     attempts = recorder.attempts()
     assert phase.fault_at is not None
@@ -182,6 +206,7 @@ def run_phase(harness: Harness, fault: Fault, timing: Timing | None = None) -> R
         over_bound=sum(1 for a in attempts if a.elapsed > tuning.bound),
         max_latency=max((a.elapsed for a in attempts), default=0.0),
         recovery=recovery_seconds(attempts, cleared_at, timing.streak),
+        ready=ready,
         fault_seconds=cleared_at - phase.fault_at,
         checks=phase.checks,
         notes=phase.notes,
@@ -236,6 +261,20 @@ def repair(harness: Harness) -> None:
             replica.start()
             replica.wait_ready()
     harness.wait_healthy()
+
+
+def restart_unready(harness: Harness) -> list[str]:
+    """Restart every replica whose /readyz does not answer 200; their names."""
+    restarted = []
+    for index in range(1, harness.tuning.replicas + 1):
+        replica = harness.replica(index)
+        if not replica.ready():
+            replica.stop()
+            replica.start()
+            replica.wait_ready()
+            restarted.append(replica.name)
+    harness.wait_healthy()
+    return restarted
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -390,6 +429,92 @@ def pgbouncer_reload(phase: Phase) -> None:
     phase.cleared()
 
 
+def pgbouncer_flapping(times: int = 5, within: float = 20.0) -> FaultRun:
+    """PgBouncer killed (SIGKILL) and started again `times` times within `within` seconds.
+
+    Each cycle: killed, down a third of the cycle, started (and answering its console),
+    up for the rest; the fault clears when the last start returns.
+    """
+
+    def run(phase: Phase) -> None:
+        h = phase.harness
+        cycle = within / times
+        phase.fault()
+        for n in range(times):
+            began = time.monotonic()
+            h.signal_pgbouncer(signal.SIGKILL)
+            time.sleep(cycle / 3)
+            h.start_pgbouncer()
+            if n < times - 1:
+                time.sleep(max(0.0, cycle - (time.monotonic() - began)))
+        phase.cleared()
+        phase.check(
+            f"{times} kills and restarts within {within:.0f} s",
+            phase.since_fault() <= within,
+            f"took {phase.since_fault():.1f} s",
+        )
+
+    return run
+
+
+def outage_for(reconnect_timeout: float) -> float:
+    """How long an outage `past the reconnect timeout` lasts: twice it, or 30 s past it
+    when that is shorter (the long variants: 330 s for psycopg_pool's 300 s)."""
+    return min(2 * reconnect_timeout, reconnect_timeout + 30.0)
+
+
+def gave_up_lines(text: str) -> int:
+    """psycopg_pool's warning when it stops retrying a connection, in a replica's log."""
+    return len(re.findall(r"reconnection attempt in pool '[^']*' failed after", text))
+
+
+def outage_past_reconnect(component: str) -> FaultRun:
+    """`component` ("pgbouncer" or "postgres") down longer than POOL_RECONNECT_TIMEOUT,
+    with no client traffic meanwhile: the load pauses before the fault and resumes when
+    the component is back (accepting), so only haproxy's health checks reach the
+    replicas while it is down. Recovery counts from the component being back.
+    """
+
+    def run(phase: Phase) -> None:
+        h = phase.harness
+        timeout = h.tuning.reconnect_timeout
+        outage = outage_for(timeout)
+        phase.pause_load()
+        with contextlib.ExitStack() as logs:
+            readers = [
+                logs.enter_context(log_since(h.replica(i).log))
+                for i in range(1, h.tuning.replicas + 1)
+            ]
+            phase.fault()
+            if component == "pgbouncer":
+                h.signal_pgbouncer(signal.SIGKILL)
+            else:
+                h.stack.postgres().stop(FAST)
+            phase.note(
+                f"{component} down for {outage:.0f} s, no client traffic;"
+                f" POOL_RECONNECT_TIMEOUT {timeout:g} s"
+                f"{'' if h.tuning.pool_reconnect_timeout is not None else ' (the default)'}"
+            )
+            time.sleep(outage)  # the outage itself: nothing to wait for
+            if component == "pgbouncer":
+                h.start_pgbouncer()
+            else:
+                h.stack.postgres().start()
+            phase.cleared()
+            phase.resume_load()
+            gave_up = [gave_up_lines(read()) for read in readers]
+        # Without this the row could pass without reaching the path it is about: a
+        # service that ignores POOL_RECONNECT_TIMEOUT retries for 300 s, and simply
+        # reconnects once the component is back.
+        phase.check(
+            "every replica's pools reached the reconnect timeout during the outage",
+            all(gave_up),
+            f"psycopg_pool's 'reconnection attempt ... failed after' per replica: {gave_up}",
+        )
+
+    return run
+
+
 # ---- PostgreSQL --------------------------------------------------------------------------
 
 
@@ -508,6 +633,75 @@ def pool_exhaustion(phase: Phase) -> None:
         bool(refused) and all(a.elapsed < 0.5 * t.pool_timeout for a in refused),
         f"{len(refused)} in {span(refused)}",
     )
+
+
+def burst_one_turn(rounds: int = 3) -> FaultRun:
+    """GET /items/{id} (a coalesced read) in bursts that land on one worker of replica 1
+    in one turn of its event loop, with the load paused and the worker's pool idle.
+
+    Each burst is POOL_MAX + POOL_MAX_WAITING requests: what the worker's checkout
+    queue admits without refusing any (POOL_MAX hold a connection, POOL_MAX_WAITING
+    wait), so not one may get the 503 for pool pressure, least of all with a pooled
+    connection idle. tests/faults/burst.py says how the burst lands in one turn.
+    """
+
+    def run(phase: Phase) -> None:
+        h = phase.harness
+        t = h.tuning
+        size = t.pool_max + t.pool_max_waiting
+        replica = h.replica(1)
+        phase.pause_load()
+        with connections_on_one_worker(replica.port, h.worker_pids(1), size) as (worker, conns):
+
+            def idle() -> float:
+                return h.pool_gauges(1).get(worker, {}).get("pgscale_pool_connections_available", 0)
+
+            phase.fault()
+            for n in range(rounds):
+                # The gauges are snapshots every POOL_STATS_INTERVAL: wait for one that
+                # shows the worker's pool idle, with nothing waiting.
+                quiet = procs.wait_until(lambda: idle() >= 1, 10, interval=0.2)
+                before = h.pool_gauges(1).get(worker, {})
+                phase.check(
+                    f"burst {n + 1}: the worker's pool has an idle connection before it",
+                    quiet,
+                    _gauges(before),
+                )
+                ids = [1 + (n * size + i) % SEED_ITEMS for i in range(size)]
+                answers = fire_in_one_turn(
+                    worker, conns, [f"/items/{i}" for i in ids], phase.recorder
+                )
+                refused = [a for a in answers if a.status == 503]
+                phase.check(
+                    f"burst {n + 1}: {size} requests (POOL_MAX {t.pool_max} + POOL_MAX_WAITING"
+                    f" {t.pool_max_waiting}) in one turn, none refused for pool pressure",
+                    not refused and all(a.ok for a in answers),
+                    f"answers {_statuses(answers)}; {len(refused)} 503"
+                    f" ({', '.join(sorted({a.detail or '-' for a in refused})) or '-'})"
+                    f" with {before.get('pgscale_pool_connections_available', 0):g} connection(s)"
+                    " idle just before",
+                )
+        phase.cleared()
+        phase.resume_load()
+
+    return run
+
+
+def _gauges(values: dict[str, float]) -> str:
+    short = {
+        "pgscale_pool_connections": "open",
+        "pgscale_pool_connections_available": "idle",
+        "pgscale_pool_connections_in_use": "in use",
+        "pgscale_pool_requests_waiting": "waiting",
+    }
+    return ", ".join(f"{label} {values.get(name, 0):g}" for name, label in short.items())
+
+
+def _statuses(attempts: list[Attempt]) -> str:
+    counts: dict[str, int] = {}
+    for a in attempts:
+        counts[a.outcome] = counts.get(a.outcome, 0) + 1
+    return " ".join(f"{k}x{v}" for k, v in sorted(counts.items()))
 
 
 def span(attempts: list[Attempt]) -> str:
@@ -694,6 +888,16 @@ def catalogue() -> list[Fault]:
             pgbouncer_reload,
         ),
         Fault(
+            "pgbouncer-flapping",
+            "PgBouncer SIGKILLed and started again 5 times within 20 s, under load.",
+            pgbouncer_flapping(),
+        ),
+        Fault(
+            "pgbouncer-outage-quiet",
+            "PgBouncer down for twice POOL_RECONNECT_TIMEOUT with no client traffic.",
+            outage_past_reconnect("pgbouncer"),
+        ),
+        Fault(
             "postgres-fast",
             "PostgreSQL fast shutdown (SIGINT), down 1 s, started again.",
             postgres_restarted(FAST),
@@ -702,6 +906,11 @@ def catalogue() -> list[Fault]:
             "postgres-immediate",
             "PostgreSQL immediate shutdown (SIGQUIT: crash recovery at start), down 1 s.",
             postgres_restarted(IMMEDIATE),
+        ),
+        Fault(
+            "postgres-outage-quiet",
+            "PostgreSQL down (fast) for twice POOL_RECONNECT_TIMEOUT, no client traffic.",
+            outage_past_reconnect("postgres"),
         ),
         Fault(
             "network-cut",
@@ -722,6 +931,11 @@ def catalogue() -> list[Fault]:
             "pool-exhaustion",
             "Every pool connection stuck behind a table lock, plus a burst of requests.",
             pool_exhaustion,
+        ),
+        Fault(
+            "burst-one-turn",
+            "Coalesced GET /items/{id} bursts into one worker in one event-loop turn.",
+            burst_one_turn(),
         ),
         Fault(
             "statement-timeout",
@@ -747,8 +961,25 @@ def catalogue() -> list[Fault]:
     ]
 
 
-def by_name(names: list[str]) -> list[Fault]:
-    known = {f.name: f for f in catalogue()}
+def long_catalogue() -> list[Fault]:
+    """`make faults-long`: the outages past psycopg_pool's real 300 s reconnect timeout
+    (run with POOL_RECONNECT_TIMEOUT unset), each about six minutes."""
+    return [
+        Fault(
+            "pgbouncer-outage-long",
+            "PgBouncer down 30 s past the default POOL_RECONNECT_TIMEOUT, no client traffic.",
+            outage_past_reconnect("pgbouncer"),
+        ),
+        Fault(
+            "postgres-outage-long",
+            "PostgreSQL down 30 s past the default POOL_RECONNECT_TIMEOUT, no client traffic.",
+            outage_past_reconnect("postgres"),
+        ),
+    ]
+
+
+def by_name(names: list[str], faults: list[Fault] | None = None) -> list[Fault]:
+    known = {f.name: f for f in (catalogue() if faults is None else faults)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown fault(s) {unknown}; known: {sorted(known)}")

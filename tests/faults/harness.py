@@ -34,6 +34,8 @@ from tests.faults.proxy import TcpProxy
 
 SEED_ITEMS = 200
 MOST_REPLICAS = 4  # ports reserved for replicas (and their metrics ports)
+# psycopg_pool's reconnect_timeout, the service's POOL_RECONNECT_TIMEOUT when unset.
+DEFAULT_RECONNECT_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Tuning:
     query_wait_timeout: int = 2  # PgBouncer's, below DB_DEADLINE
     retry_after: int = 1
     graceful_timeout: int = 10
+    # Seconds a worker's pool retries a lost connection before its recovery path: short,
+    # so the suite reaches that path in seconds. None: the service's default (300 s).
+    pool_reconnect_timeout: float | None = 3.0
     margin: float = 2.0
     client_timeout: float = 30.0
 
@@ -63,9 +68,20 @@ class Tuning:
     def bound(self) -> float:
         return self.db_deadline + self.margin
 
+    @property
+    def reconnect_timeout(self) -> float:
+        """The reconnect timeout the replicas run with, pinned or default."""
+        if self.pool_reconnect_timeout is None:
+            return DEFAULT_RECONNECT_TIMEOUT
+        return self.pool_reconnect_timeout
+
     def service(self) -> dict[str, object]:
         """The service settings these runs pin (the rest come from the environment)."""
+        pinned: dict[str, object] = {}
+        if self.pool_reconnect_timeout is not None:
+            pinned["pool_reconnect_timeout"] = self.pool_reconnect_timeout
         return {
+            **pinned,
             "workers": self.workers,
             "pool_min": self.pool_min,
             "pool_max": self.pool_max,
@@ -91,7 +107,22 @@ class FaultStack(Stack):
             f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
             f"@127.0.0.1:{self.proxy_port}/{APP_DATABASE}"
         )
-        return Settings(database_url=url, **self.tuning.service())  # type: ignore[arg-type]
+        known = {k: v for k, v in self.tuning.service().items() if k in Settings.model_fields}
+        return Settings(database_url=url, **known)  # type: ignore[arg-type]
+
+    def unknown_to_service(self) -> dict[str, str]:
+        """Pinned settings this service's Settings has no field for, as variables.
+
+        Settings refuses unknown keyword arguments but ignores unknown environment
+        variables, so a setting the service does not read yet (POOL_RECONNECT_TIMEOUT
+        before the service grows it) still reaches the replicas' environment, and
+        takes effect the day the service reads it.
+        """
+        return {
+            name.upper(): str(value)
+            for name, value in self.tuning.service().items()
+            if name not in Settings.model_fields
+        }
 
     def service_env(self) -> dict[str, str]:
         """The replicas' environment, with the deployment's numbers for their start-up guard.
@@ -103,7 +134,7 @@ class FaultStack(Stack):
             name.upper(): str(getattr(self.settings, name))
             for name in DeploymentSettings.model_fields
         }
-        return {**deployment, **super().service_env()}
+        return {**deployment, **self.unknown_to_service(), **super().service_env()}
 
 
 @dataclass
@@ -180,6 +211,29 @@ class Harness:
             if family.name == "pgscale_pool_connections":
                 pids.update(int(s.labels["pid"]) for s in family.samples if "pid" in s.labels)
         return pids
+
+    def pool_gauges(self, index: int) -> dict[int, dict[str, float]]:
+        """Each worker's pool gauges on replica `index` now: {pid: {metric: value}}
+        (`pgscale_pool_connections_available`, `..._in_use`, `..._requests_waiting`, ...)."""
+        text = httpx.get(self.replica(index).metrics_url, timeout=5).text
+        gauges: dict[int, dict[str, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.type != "gauge" or not family.name.startswith("pgscale_pool_"):
+                continue
+            for sample in family.samples:
+                if "pid" in sample.labels:
+                    gauges.setdefault(int(sample.labels["pid"]), {})[sample.name] = sample.value
+        return gauges
+
+    def every_replica_ready(self, streak: int | None = None) -> bool:
+        """Each replica's own /readyz (on its port, not through haproxy) answers 200
+        `streak` times in a row, each on a new connection (default: twice per worker,
+        so both workers' pools are likely asked)."""
+        streak = streak or 2 * self.tuning.workers
+        return all(
+            all(procs.http_status(f"{self.replica(i).url}/readyz") == 200 for _ in range(streak))
+            for i in range(1, self.tuning.replicas + 1)
+        )
 
     def lb_states(self) -> dict[str, str]:
         return self.stack.haproxy().server_states()

@@ -140,7 +140,12 @@ def backoff(resp: httpx.Response | None) -> float:
 
 
 class Load:
-    """`threads` clients against `url` until `stop()`; then `drain()` the pending writes."""
+    """`threads` clients against `url` until `stop()`; then `drain()` the pending writes.
+
+    `pause()` holds every thread before its next request (pending writes included) and
+    returns once none has a request in flight: a fault can then run with no client
+    traffic at all, only haproxy's health checks; `resume()` lets them go on.
+    """
 
     def __init__(
         self,
@@ -164,6 +169,9 @@ class Load:
         self.write_share = write_share
         self.timeout = timeout
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        self._idle = [threading.Event() for _ in range(threads)]
         self._drain_until = 0.0
         self._threads = [
             threading.Thread(target=self._run, args=(n,), name=f"load-{n}", daemon=True)
@@ -174,10 +182,28 @@ class Load:
         for thread in self._threads:
             thread.start()
 
+    def pause(self) -> bool:
+        """Hold every thread; True once none has a request in flight (within the
+        clients' timeout)."""
+        self._go.clear()
+        deadline = time.monotonic() + self.timeout + 5
+        return all(idle.wait(max(0.0, deadline - time.monotonic())) for idle in self._idle)
+
+    def resume(self) -> None:
+        self._go.set()
+
+    def _hold(self, n: int) -> None:
+        """Wait here while paused (saying so), or until the run stops."""
+        while not self._go.is_set() and not self._stop.is_set():
+            self._idle[n].set()
+            self._go.wait(0.05)
+        self._idle[n].clear()  # only this thread clears it: a later pause sees it fresh
+
     def stop(self, drain: float = 20.0) -> None:
         """Stop issuing new work; retry unacknowledged writes for up to `drain` seconds."""
         self._drain_until = time.monotonic() + drain
         self._stop.set()
+        self.resume()
         for thread in self._threads:
             thread.join(drain + self.timeout + 5)
 
@@ -194,6 +220,9 @@ class Load:
         retry_at = 0.0
         with httpx.Client(base_url=self.url, timeout=self.timeout) as http:
             while not self._stop.is_set():
+                self._hold(n)
+                if self._stop.is_set():
+                    break
                 now = time.monotonic()
                 if pending is not None and now >= retry_at:
                     resp = post_visit(http, self.recorder, self.ledger, pending, source="load")

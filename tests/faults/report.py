@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The suite's claim for every row: back within this many seconds of the fault clearing,
+# both for the clients (a streak of successes through haproxy) and for every replica's
+# own /readyz (asked on its port, not through haproxy).
+RECOVER_WITHIN = 5.0
+
 
 @dataclass(frozen=True)
 class Check:
@@ -36,6 +41,7 @@ class Row:
     over_bound: int  # requests slower than the bound (hangs)
     max_latency: float  # seconds, slowest request of the phase
     recovery: float | None  # seconds from the fault clearing to a streak of successes
+    ready: float | None  # seconds from the fault clearing to every replica's /readyz 200
     fault_seconds: float  # from injection to clearing
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -52,6 +58,9 @@ class Row:
             and self.unresolved == 0
             and self.over_bound == 0
             and self.recovery is not None
+            and self.recovery <= RECOVER_WITHIN
+            and self.ready is not None
+            and self.ready <= RECOVER_WITHIN
             and not self.unexpected_errors
             and all(check.ok for check in self.checks)
         )
@@ -69,6 +78,12 @@ class Row:
             why.append(f"{self.over_bound} request(s) over the bound")
         if self.recovery is None:
             why.append("no recovery seen")
+        elif self.recovery > RECOVER_WITHIN:
+            why.append(f"recovery took {self.recovery:.2f} s (over {RECOVER_WITHIN:.0f} s)")
+        if self.ready is None:
+            why.append("some replica's /readyz never answered 200 after the fault")
+        elif self.ready > RECOVER_WITHIN:
+            why.append(f"every replica ready only after {self.ready:.2f} s")
         if self.unexpected_errors:
             why.append(f"unexpected errors {format_errors(self.unexpected_errors)}")
         why += [f"check failed: {c.name} ({c.detail})" for c in self.checks if not c.ok]
@@ -85,6 +100,7 @@ COLUMNS = (
     "over bound",
     "max latency s",
     "recovery s",
+    "every replica ready s",
     "ok",
 )
 
@@ -106,6 +122,7 @@ def cells(row: Row) -> list[str]:
         str(row.over_bound),
         f"{row.max_latency:.2f}",
         "never" if row.recovery is None else f"{row.recovery:.2f}",
+        "never" if row.ready is None else f"{row.ready:.2f}",
         "yes" if row.ok else "NO",
     ]
 
@@ -114,7 +131,7 @@ def table(rows: list[Row]) -> str:
     """The fault table, as Markdown that also reads well in a terminal."""
     grid = [list(COLUMNS)] + [cells(r) for r in rows]
     widths = [max(len(line[i]) for line in grid) for i in range(len(COLUMNS))]
-    numeric = {1, 3, 4, 5, 6, 7, 8}
+    numeric = {1, 3, 4, 5, 6, 7, 8, 9}
 
     def line(values: list[str]) -> str:
         padded = [
@@ -160,7 +177,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         " *lost* counts acknowledged visits missing from PostgreSQL afterwards, *dup* keys"
         " that created more than one row, *over bound* requests slower than the bound,"
         " *recovery* the seconds from the fault clearing to the first of a streak of"
-        " successes.",
+        " successes, *every replica ready* the seconds from the fault clearing until each"
+        " replica's own /readyz (asked on its port, not through haproxy) answered 200;"
+        f" both must be at most {RECOVER_WITHIN:.0f} s.",
         "",
         table(rows),
         "",
