@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from typing_extensions import TypedDict
 
 BIGINT_MAX = 2**63 - 1
@@ -18,15 +18,24 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _whole_number(value: object) -> object:
+    # JSON has one number type, and JSON Schema's `integer` takes 6892.0 as 6892; the
+    # strict bodies refuse everything else that is not an int: true, "1", 1.5.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
 Description = Annotated[str, Field(max_length=2000), AfterValidator(_no_nul)]
-ItemId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+ItemId = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(_whole_number)]
 
 
 class Strict(BaseModel):
-    """Bodies reject unknown fields, so a typo is a 422 and not a silent no-op."""
+    """Bodies reject unknown fields, so a typo is a 422 and not a silent no-op, and take
+    JSON types as they are: `true` or `"1"` for an id is a 422, not item 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ItemCreate(Strict):

@@ -52,6 +52,14 @@ def test_visits_are_counted(client: httpx.Client) -> None:
     assert client.get("/visits/count").json()["count"] >= before + 3
 
 
+def test_a_whole_number_written_as_a_float_is_that_id(client: httpx.Client) -> None:
+    """JSON has one number type: 7.0 is 7, as JSON Schema's `integer` says."""
+    item = client.post("/items", json={"name": "float id"}).json()
+    visit = client.post("/visits", json={"item_id": float(item["id"])})
+    assert visit.status_code == 201, visit.text
+    assert visit.json()["item_id"] == item["id"]
+
+
 def test_visit_to_missing_item_names_the_field(client: httpx.Client) -> None:
     body = assert_problem(client.post("/visits", json={"item_id": 9_000_000_000}), 422)
     assert body["errors"] == [{"field": "body.item_id", "message": "no item with this id"}]
@@ -89,6 +97,10 @@ def test_page_size_is_capped(client: httpx.Client) -> None:
         ("PATCH", "/items/1", {}, "body"),
         ("POST", "/visits", {"item_id": 0}, "body.item_id"),
         ("POST", "/visits", {"item_id": "one"}, "body.item_id"),
+        # Bodies take JSON types strictly: none of these is item 1.
+        ("POST", "/visits", {"item_id": True}, "body.item_id"),
+        ("POST", "/visits", {"item_id": "1"}, "body.item_id"),
+        ("POST", "/visits", {"item_id": 1.5}, "body.item_id"),
         ("GET", "/items/0", None, "path.item_id"),
         ("GET", "/items/9223372036854775808", None, "path.item_id"),
         ("GET", "/items/abc", None, "path.item_id"),
