@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 BIGINT_MAX = 2**63 - 1
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def _decimal_digits(value: object) -> object:
+    # Path and query values arrive as text, and pydantic's lax integer parsing also takes
+    # " 5", "+5" (a query's "+" is a space), "5.0" and "1_000". A client writing those
+    # meant something else; an integer here is an optional minus and ASCII digits.
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "Input should be an integer in decimal digits")
+    return value
+
+
+DecimalDigits = BeforeValidator(_decimal_digits)
+"""Metadata for an `int` path or query parameter: plain decimal digits only."""
 
 
 def _no_nul(value: str) -> str:

@@ -81,6 +81,14 @@ def test_keyset_pagination_visits_every_item_once(client: httpx.Client) -> None:
     assert len(seen) >= 200  # the seeded items at least
 
 
+def test_query_integers_in_decimal_digits_are_taken(client: httpx.Client) -> None:
+    """The control for the refusals below: plain digits still work, as query text."""
+    page = client.get("/items?limit=5&after=0").json()
+    assert len(page["items"]) == 5
+    assert client.get(f"/items/{page['items'][0]['id']}").status_code == 200
+    assert client.get("/visits/count?item_id=1").status_code == 200
+
+
 def test_page_size_is_capped(client: httpx.Client) -> None:
     page = client.get("/items", params={"limit": 10_000}).json()
     assert len(page["items"]) == 100
@@ -106,6 +114,16 @@ def test_page_size_is_capped(client: httpx.Client) -> None:
         ("GET", "/items/abc", None, "path.item_id"),
         ("GET", "/items?limit=0", None, "query.limit"),
         ("GET", "/items?after=-1", None, "query.after"),
+        # Path and query integers are decimal digits: int() would take all of these.
+        ("GET", "/items/1.0", None, "path.item_id"),
+        ("GET", "/items/%2B1", None, "path.item_id"),
+        ("GET", "/items/1_0", None, "path.item_id"),
+        ("GET", "/items?limit=5.0", None, "query.limit"),
+        ("GET", "/items?limit=+5", None, "query.limit"),  # a query's "+" is a space
+        ("GET", "/items?limit=%2B5", None, "query.limit"),
+        ("GET", "/items?limit=1_0", None, "query.limit"),
+        ("GET", "/items?after=0.0", None, "query.after"),
+        ("GET", "/visits/count?item_id=1.0", None, "query.item_id"),
     ],
 )
 def test_invalid_input_is_422_naming_the_field(

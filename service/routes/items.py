@@ -15,6 +15,7 @@ from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.responses import JSONBytes
 from service.schemas import (
     BIGINT_MAX,
+    DecimalDigits,
     Item,
     ItemCreate,
     ItemPage,
@@ -34,7 +35,7 @@ ITEM_JSON = TypeAdapter(ItemRow)
 PAGE_JSON = TypeAdapter(ItemPageRows)
 
 
-ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id.")]
+ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id."), DecimalDigits]
 
 
 def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
@@ -82,9 +83,13 @@ async def get_item(item_id: ItemIdPath, request: Request) -> Response:
 @router.get("", response_model=ItemPage)
 async def list_items(
     request: Request,
-    limit: Annotated[int, Query(ge=1, description="Page size (at most PAGE_LIMIT_MAX).")] = 20,
+    limit: Annotated[
+        int, Query(ge=1, description="Page size (at most PAGE_LIMIT_MAX)."), DecimalDigits
+    ] = 20,
     after: Annotated[
-        int, Query(ge=0, le=BIGINT_MAX, description="Return items with id above this.")
+        int,
+        Query(ge=0, le=BIGINT_MAX, description="Return items with id above this."),
+        DecimalDigits,
     ] = 0,
 ) -> Response:
     limit = min(limit, app_settings(request).page_limit_max)

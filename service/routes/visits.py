@@ -15,6 +15,7 @@ from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.responses import JSONBytes
 from service.schemas import (
     BIGINT_MAX,
+    DecimalDigits,
     Visit,
     VisitCount,
     VisitCreate,
@@ -80,7 +81,9 @@ async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey 
 async def count_visits(
     request: Request,
     item_id: Annotated[
-        int | None, Query(ge=1, le=BIGINT_MAX, description="Count one item's visits only.")
+        int | None,
+        Query(ge=1, le=BIGINT_MAX, description="Count one item's visits only."),
+        DecimalDigits,
     ] = None,
 ) -> VisitCount:
     db = database(request)
