@@ -190,6 +190,26 @@ def test_unknown_route_is_problem_json(client: httpx.Client) -> None:
     assert_problem(client.put("/items/1", json={"name": "x"}), 405)
 
 
+@pytest.mark.parametrize(
+    ("method", "url", "allowed"),
+    [
+        ("OPTIONS", "/items", {"GET", "POST"}),
+        ("DELETE", "/items", {"GET", "POST"}),
+        ("OPTIONS", "/items/1", {"GET", "PATCH", "DELETE"}),
+        ("PUT", "/items/1", {"GET", "PATCH", "DELETE"}),
+        ("GET", "/visits", {"POST"}),
+        ("POST", "/visits/count", {"GET"}),
+    ],
+)
+def test_405_allows_every_method_of_the_path(
+    client: httpx.Client, method: str, url: str, allowed: set[str]
+) -> None:
+    """RFC 9110: `Allow` lists what the resource supports, not one route's methods."""
+    resp = client.request(method, url)
+    assert_problem(resp, 405)
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == allowed
+
+
 def test_health_endpoints(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
