@@ -235,3 +235,28 @@ def test_the_openapi_document_keeps_every_route_with_its_tags(client: httpx.Clie
         ("/visits/count", "GET"): ["visits"],
     }
     assert "503" in paths["/items/{item_id}"]["get"]["responses"]  # the router's responses
+
+
+INT8_MAX = 2**63 - 1
+
+
+def test_the_openapi_document_bounds_every_id_to_int8(client: httpx.Client) -> None:
+    """Ids are PostgreSQL int8: documented with their bounds exactly, as integers (a float
+    maximum would be 2**63, one past what the service takes)."""
+    document = client.get("/openapi.json").json()
+    ids: dict[str, dict[str, object]] = {}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] in {"item_id", "after"}:
+                    schema = parameter["schema"]
+                    for option in schema.get("anyOf", [schema]):  # item_id or null
+                        if option["type"] == "integer":
+                            ids[f"{method} {path} {parameter['in']}.{parameter['name']}"] = option
+    body = document["components"]["schemas"]["VisitCreate"]["properties"]["item_id"]
+    ids["post /visits body.item_id"] = body
+    assert len(ids) == 6, sorted(ids)  # get/patch/delete item, after, count's item_id, body
+    for where, schema in ids.items():
+        assert type(schema["maximum"]) is int, where
+        assert schema["maximum"] == INT8_MAX, where
+        assert schema["minimum"] in (0, 1), where
