@@ -60,6 +60,19 @@ class ItemCreate(Strict):
 
 
 class ItemUpdate(Strict):
+    """At least one field to change; a field absent or null is left as it is."""
+
+    # What `_not_empty` refuses, said in the schema: `{}` and all-null bodies.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "minProperties": 1,
+            "anyOf": [
+                {"required": [field], "properties": {field: {"type": "string"}}}
+                for field in ("name", "description")
+            ],
+        }
+    )
+
     name: Name | None = None
     description: Description | None = None
 

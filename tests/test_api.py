@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
+import jsonschema  # type: ignore[import-untyped,unused-ignore]  # no stubs installed
 import pytest
 
 PROBLEM = "application/problem+json"
@@ -260,3 +261,26 @@ def test_the_openapi_document_bounds_every_id_to_int8(client: httpx.Client) -> N
         assert type(schema["maximum"]) is int, where
         assert schema["maximum"] == INT8_MAX, where
         assert schema["minimum"] in (0, 1), where
+
+
+@pytest.mark.parametrize(
+    ("body", "accepted"),
+    [
+        ({}, False),
+        ({"name": None}, False),
+        ({"name": None, "description": None}, False),
+        ({"name": None, "description": "kept name"}, True),
+        ({"name": "renamed"}, True),
+    ],
+)
+def test_the_patch_schema_refuses_what_the_service_refuses(
+    client: httpx.Client, body: dict[str, object], accepted: bool
+) -> None:
+    """PATCH needs a field to change: the document says so (`minProperties`, and a
+    non-null field), so a client validating against it is refused nothing else."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ItemUpdate"]
+    assert schema["minProperties"] == 1
+    assert jsonschema.Draft202012Validator(schema).is_valid(body) is accepted
+    item = client.post("/items", json={"name": "to patch"}).json()
+    resp = client.patch(f"/items/{item['id']}", json=body)
+    assert resp.status_code == (200 if accepted else 422), resp.text
