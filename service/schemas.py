@@ -188,3 +188,29 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             }
         responses[status] = entry
     return responses
+
+
+def idempotent_write_responses(
+    status: int, replayed_header: str
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a write that takes an Idempotency-Key (service/idempotency.py):
+    its replay, and a key reused for another request refused."""
+    refused = problem_responses(422)[422]
+    return {
+        status: {
+            "description": "Done; a repeat with the same Idempotency-Key and body gets this"
+            f" same answer again, with `{replayed_header}: true`.",
+            "headers": {
+                replayed_header: {
+                    "description": "Present on a replay of an earlier answer.",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            },
+        },
+        422: {
+            **refused,
+            "description": f"{refused['description']} Also the answer to an Idempotency-Key"
+            " already used for a different request (another body or another route):"
+            " `errors` names `header.Idempotency-Key`.",
+        },
+    }

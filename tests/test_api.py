@@ -284,3 +284,38 @@ def test_the_patch_schema_refuses_what_the_service_refuses(
     item = client.post("/items", json={"name": "to patch"}).json()
     resp = client.patch(f"/items/{item['id']}", json=body)
     assert resp.status_code == (200 if accepted else 422), resp.text
+
+
+def test_the_idempotency_key_answers_are_documented_where_it_is_taken(
+    client: httpx.Client,
+) -> None:
+    """Every route taking the header documents a replay and a key reused for another
+    body, and answers the reuse as documented."""
+    paths = client.get("/openapi.json").json()["paths"]
+    takers = {
+        (path, method): operation
+        for path, operations in paths.items()
+        for method, operation in operations.items()
+        if any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
+    }
+    assert set(takers) == {("/items", "post"), ("/visits", "post")}
+    item = client.post("/items", json={"name": "keyed"}).json()
+    bodies: dict[str, tuple[dict[str, object], dict[str, object]]] = {
+        "/items": ({"name": "first"}, {"name": "second"}),
+        "/visits": ({"item_id": item["id"]}, {"item_id": 1}),
+    }
+    for (path, _), operation in takers.items():
+        responses = operation["responses"]
+        assert "Idempotent-Replayed" in responses["201"]["headers"]
+        assert "Idempotency-Key" in responses["422"]["description"]
+        key = f"reused-{path}-{item['id']}"
+        first, other = bodies[path]
+        assert client.post(path, json=first, headers={"Idempotency-Key": key}).status_code == 201
+        replay = client.post(path, json=first, headers={"Idempotency-Key": key})
+        assert replay.status_code == 201
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        reused = client.post(path, json=other, headers={"Idempotency-Key": key})
+        body = assert_problem(reused, 422)
+        assert body["errors"] == [
+            {"field": "header.Idempotency-Key", "message": "already used for a different request"}
+        ]

@@ -22,6 +22,7 @@ from service.schemas import (
     ItemPageRows,
     ItemRow,
     ItemUpdate,
+    idempotent_write_responses,
     problem_responses,
 )
 
@@ -53,7 +54,7 @@ def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
     return db.coalescer("items by id", db.read, one, many)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=idempotent_write_responses(201, REPLAYED_HEADER))
 async def create_item(
     body: ItemCreate, request: Request, response: Response, key: IdempotencyKey = None
 ) -> Item:

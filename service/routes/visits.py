@@ -20,6 +20,7 @@ from service.schemas import (
     VisitCount,
     VisitCreate,
     VisitRow,
+    idempotent_write_responses,
     problem_responses,
 )
 
@@ -51,7 +52,12 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=201, response_model=Visit)
+@router.post(
+    "",
+    status_code=201,
+    response_model=Visit,
+    responses=idempotent_write_responses(201, REPLAYED_HEADER),
+)
 async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey = None) -> Response:
     db = database(request)
     if key is None:
