@@ -42,8 +42,14 @@ def _whole_number(value: object) -> object:
     return value
 
 
-Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Description = Annotated[str, Field(max_length=2000), AfterValidator(_no_nul)]
+# The same rule for the OpenAPI document (an ECMA-262 pattern, as JSON Schema uses).
+_NO_NUL = {"pattern": "^[^\\x00]*$"}
+Name = Annotated[
+    str, Field(min_length=1, max_length=200, json_schema_extra=_NO_NUL), AfterValidator(_no_nul)
+]
+Description = Annotated[
+    str, Field(max_length=2000, json_schema_extra=_NO_NUL), AfterValidator(_no_nul)
+]
 ItemId = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(_whole_number)]
 
 

@@ -319,3 +319,16 @@ def test_the_idempotency_key_answers_are_documented_where_it_is_taken(
         assert body["errors"] == [
             {"field": "header.Idempotency-Key", "message": "already used for a different request"}
         ]
+
+
+@pytest.mark.parametrize("field", ["name", "description"])
+def test_the_document_says_text_holds_no_nul(client: httpx.Client, field: str) -> None:
+    """PostgreSQL text cannot hold NUL, so the service refuses it; the schema says so."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ItemCreate"]
+    body = {"name": "ok", field: "nul\x00byte"}
+    assert not jsonschema.Draft202012Validator(schema).is_valid(body)
+    assert jsonschema.Draft202012Validator(schema).is_valid({"name": "ok", field: "no nul"})
+    problem = assert_problem(client.post("/items", json=body), 422)
+    assert problem["errors"] == [
+        {"field": f"body.{field}", "message": "Value error, must not contain NUL characters"}
+    ]
