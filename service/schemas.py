@@ -197,10 +197,11 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def idempotent_write_responses(
-    status: int, replayed_header: str
+    status: int, replayed_header: str, refused_also: str = ""
 ) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` of a write that takes an Idempotency-Key (service/idempotency.py):
-    its replay, and a key reused for another request refused."""
+    its replay, and a key reused for another request refused (with `refused_also`, the
+    route's own other 422s)."""
     refused = problem_responses(422)[422]
     return {
         status: {
@@ -217,6 +218,6 @@ def idempotent_write_responses(
             **refused,
             "description": f"{refused['description']} Also the answer to an Idempotency-Key"
             " already used for a different request (another body or another route):"
-            " `errors` names `header.Idempotency-Key`.",
+            f" `errors` names `header.Idempotency-Key`.{refused_also}",
         },
     }

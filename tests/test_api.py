@@ -64,6 +64,9 @@ def test_a_whole_number_written_as_a_float_is_that_id(client: httpx.Client) -> N
 def test_visit_to_missing_item_names_the_field(client: httpx.Client) -> None:
     body = assert_problem(client.post("/visits", json={"item_id": 9_000_000_000}), 422)
     assert body["errors"] == [{"field": "body.item_id", "message": "no item with this id"}]
+    # No schema can say which ids exist: the 422's description does.
+    responses = client.get("/openapi.json").json()["paths"]["/visits"]["post"]["responses"]
+    assert "`body.item_id` when no item has that id" in responses["422"]["description"]
 
 
 def test_keyset_pagination_visits_every_item_once(client: httpx.Client) -> None:

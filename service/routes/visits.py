@@ -56,7 +56,9 @@ router = APIRouter(
     "",
     status_code=201,
     response_model=Visit,
-    responses=idempotent_write_responses(201, REPLAYED_HEADER),
+    responses=idempotent_write_responses(
+        201, REPLAYED_HEADER, " And `body.item_id` when no item has that id."
+    ),
 )
 async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey = None) -> Response:
     db = database(request)
