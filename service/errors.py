@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger("service.errors")
 
@@ -101,6 +102,21 @@ def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part) for part in loc)
 
 
+def allowed_methods(request: Request) -> str:
+    """The `Allow` header for a 405: the methods of every route whose path matches.
+
+    Starlette's router raises the 405 from the first route whose path matched, naming
+    that route's methods only (`/items` answered `Allow: POST` though GET exists too).
+    RFC 9110 wants every method the resource supports.
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error the service knows to its HTTP status."""
 
@@ -133,7 +149,10 @@ def install_error_handlers(app: FastAPI) -> None:
             413: "Content Too Large",
         }.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return problem(exc.status_code, title, detail, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return problem(exc.status_code, title, detail, headers=headers)
 
     @app.exception_handler(PoolTimeout)
     async def pool_timeout(request: Request, exc: PoolTimeout) -> JSONResponse:

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 BIGINT_MAX = 2**63 - 1
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
+def _decimal_digits(value: object) -> object:
+    # Path and query values arrive as text, and pydantic's lax integer parsing also takes
+    # " 5", "+5" (a query's "+" is a space), "5.0" and "1_000". A client writing those
+    # meant something else; an integer here is an optional minus and ASCII digits.
+    if isinstance(value, str) and not _DECIMAL.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "Input should be an integer in decimal digits")
+    return value
+
+
+DecimalDigits = BeforeValidator(_decimal_digits)
+"""Metadata for an `int` path or query parameter: plain decimal digits only."""
 
 
 def _no_nul(value: str) -> str:
@@ -18,15 +34,30 @@ def _no_nul(value: str) -> str:
     return value
 
 
-Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Description = Annotated[str, Field(max_length=2000), AfterValidator(_no_nul)]
-ItemId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
+def _whole_number(value: object) -> object:
+    # JSON has one number type, and JSON Schema's `integer` takes 6892.0 as 6892; the
+    # strict bodies refuse everything else that is not an int: true, "1", 1.5.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The same rule for the OpenAPI document (an ECMA-262 pattern, as JSON Schema uses).
+_NO_NUL = {"pattern": "^[^\\x00]*$"}
+Name = Annotated[
+    str, Field(min_length=1, max_length=200, json_schema_extra=_NO_NUL), AfterValidator(_no_nul)
+]
+Description = Annotated[
+    str, Field(max_length=2000, json_schema_extra=_NO_NUL), AfterValidator(_no_nul)
+]
+ItemId = Annotated[int, Field(ge=1, le=BIGINT_MAX), BeforeValidator(_whole_number)]
 
 
 class Strict(BaseModel):
-    """Bodies reject unknown fields, so a typo is a 422 and not a silent no-op."""
+    """Bodies reject unknown fields, so a typo is a 422 and not a silent no-op, and take
+    JSON types as they are: `true` or `"1"` for an id is a 422, not item 1."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ItemCreate(Strict):
@@ -35,6 +66,19 @@ class ItemCreate(Strict):
 
 
 class ItemUpdate(Strict):
+    """At least one field to change; a field absent or null is left as it is."""
+
+    # What `_not_empty` refuses, said in the schema: `{}` and all-null bodies.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "minProperties": 1,
+            "anyOf": [
+                {"required": [field], "properties": {field: {"type": "string"}}}
+                for field in ("name", "description")
+            ],
+        }
+    )
+
     name: Name | None = None
     description: Description | None = None
 
@@ -150,3 +194,30 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             }
         responses[status] = entry
     return responses
+
+
+def idempotent_write_responses(
+    status: int, replayed_header: str, refused_also: str = ""
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a write that takes an Idempotency-Key (service/idempotency.py):
+    its replay, and a key reused for another request refused (with `refused_also`, the
+    route's own other 422s)."""
+    refused = problem_responses(422)[422]
+    return {
+        status: {
+            "description": "Done; a repeat with the same Idempotency-Key and body gets this"
+            f" same answer again, with `{replayed_header}: true`.",
+            "headers": {
+                replayed_header: {
+                    "description": "Present on a replay of an earlier answer.",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            },
+        },
+        422: {
+            **refused,
+            "description": f"{refused['description']} Also the answer to an Idempotency-Key"
+            " already used for a different request (another body or another route):"
+            f" `errors` names `header.Idempotency-Key`.{refused_also}",
+        },
+    }

@@ -16,12 +16,14 @@ from service.pool import Connection
 from service.responses import JSONBytes
 from service.schemas import (
     BIGINT_MAX,
+    DecimalDigits,
     Item,
     ItemCreate,
     ItemPage,
     ItemPageRows,
     ItemRow,
     ItemUpdate,
+    idempotent_write_responses,
     problem_responses,
 )
 
@@ -35,7 +37,7 @@ ITEM_JSON = TypeAdapter(ItemRow)
 PAGE_JSON = TypeAdapter(ItemPageRows)
 
 
-ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id.")]
+ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id."), DecimalDigits]
 
 
 def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
@@ -53,7 +55,7 @@ def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
     return db.coalescer("items by id", db.read, one, many)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=idempotent_write_responses(201, REPLAYED_HEADER))
 async def create_item(
     body: ItemCreate, request: Request, response: Response, key: IdempotencyKey = None
 ) -> Item:
@@ -83,9 +85,13 @@ async def get_item(item_id: ItemIdPath, request: Request) -> Response:
 @router.get("", response_model=ItemPage)
 async def list_items(
     request: Request,
-    limit: Annotated[int, Query(ge=1, description="Page size (at most PAGE_LIMIT_MAX).")] = 20,
+    limit: Annotated[
+        int, Query(ge=1, description="Page size (at most PAGE_LIMIT_MAX)."), DecimalDigits
+    ] = 20,
     after: Annotated[
-        int, Query(ge=0, le=BIGINT_MAX, description="Return items with id above this.")
+        int,
+        Query(ge=0, le=BIGINT_MAX, description="Return items with id above this."),
+        DecimalDigits,
     ] = 0,
 ) -> Response:
     limit = min(limit, app_settings(request).page_limit_max)

@@ -16,10 +16,12 @@ from service.pool import Connection
 from service.responses import JSONBytes
 from service.schemas import (
     BIGINT_MAX,
+    DecimalDigits,
     Visit,
     VisitCount,
     VisitCreate,
     VisitRow,
+    idempotent_write_responses,
     problem_responses,
 )
 
@@ -51,7 +53,14 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=201, response_model=Visit)
+@router.post(
+    "",
+    status_code=201,
+    response_model=Visit,
+    responses=idempotent_write_responses(
+        201, REPLAYED_HEADER, " And `body.item_id` when no item has that id."
+    ),
+)
 async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey = None) -> Response:
     db = database(request)
     if key is None:
@@ -81,7 +90,9 @@ async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey 
 async def count_visits(
     request: Request,
     item_id: Annotated[
-        int | None, Query(ge=1, le=BIGINT_MAX, description="Count one item's visits only.")
+        int | None,
+        Query(ge=1, le=BIGINT_MAX, description="Count one item's visits only."),
+        DecimalDigits,
     ] = None,
 ) -> VisitCount:
     db = database(request)
