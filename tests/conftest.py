@@ -179,6 +179,11 @@ def metric_samples(url: str, name: str) -> dict[str, float]:
     return {}
 
 
+def requests_waiting(replica: Replica) -> float:
+    """Requests queued for a connection on a replica now, all workers (its gauge)."""
+    return sum(metric_samples(replica.metrics_url, "pgscale_pool_requests_waiting").values())
+
+
 def make_items(base_url: str, count: int) -> list[int]:
     """Items of the test's own: schemathesis deletes and renames seeded ones."""
     with httpx.Client(base_url=base_url, timeout=15) as http:
