@@ -179,6 +179,14 @@ def metric_samples(url: str, name: str) -> dict[str, float]:
     return {}
 
 
+def counter_total(url: str, name: str) -> float:
+    """A counter's value on a replica's metrics port, all workers together."""
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        if family.name == name:
+            return sum(s.value for s in family.samples if s.name == f"{name}_total")
+    return 0.0
+
+
 def requests_waiting(replica: Replica) -> float:
     """Requests queued for a connection on a replica now, all workers (its gauge)."""
     return sum(metric_samples(replica.metrics_url, "pgscale_pool_requests_waiting").values())
