@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL and PgBouncer for the session, and real service processes.
 
-Everything listens on 127.0.0.1 on free ports, runs from a temporary directory, and is
-stopped by the pid recorded at start, whether the tests pass or fail.
+Everything listens on 127.0.0.1 on free ports below the ephemeral range (so no client
+socket can hold one), runs from a temporary directory, and is stopped by the pid
+recorded at start, whether the tests pass or fail.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Databases:
         """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it."""
         return PgBouncer(
             self.root / name,
-            procs.free_port(),
+            procs.free_port_block(1),
             self.postgres.port,
             APP,
             users={APP: APP_PASSWORD},
@@ -74,10 +75,14 @@ def scratch() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def databases(scratch: Path) -> Iterator[Databases]:
-    pg = Postgres(scratch / "postgres", procs.free_port(), max_connections=60)
+    # One block below the ephemeral range: an ephemeral port (what free_port gives) can
+    # be taken by any client socket on a loaded machine before the server binds it, or
+    # while a test has the server stopped.
+    port = procs.free_port_block(2)
+    pg = Postgres(scratch / "postgres", port, max_connections=60)
     bouncer = PgBouncer(
         scratch / "pgbouncer",
-        procs.free_port(),
+        port + 1,
         pg.port,
         APP,
         users={APP: APP_PASSWORD},
