@@ -33,6 +33,23 @@ APP_PASSWORD = "app-test-password"
 ADMIN_PASSWORD = "admin-test-password"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test that starts gunicorn (through `start_service`, directly or by a
+    fixture that uses it) without the `slow` marker, so `-m "not slow"` stays quick.
+    Tests that start a whole stack, or restart servers, carry it too: no fixture
+    tells those apart, so that half of the rule is kept by hand."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "start_service" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these start gunicorn, so they must be marked slow: " + ", ".join(unmarked)
+        )
+
+
 @dataclass
 class Databases:
     """The session's PostgreSQL and PgBouncer, and how to reach them."""

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+pytestmark = pytest.mark.slow  # the session's gunicorn replica
+
 PROBLEM = "application/problem+json"
 
 

@@ -60,6 +60,7 @@ def queued_together(
         return [first.result(), *(f.result() for f in rest)]
 
 
+@pytest.mark.slow
 def test_reads_queued_together_share_a_statement_and_each_gets_its_own_item(
     one_connection: Replica, databases: Databases
 ) -> None:
@@ -90,6 +91,7 @@ def test_reads_queued_together_share_a_statement_and_each_gets_its_own_item(
     assert count == 2  # the first alone, then all the rest queued together: not 17 statements
 
 
+@pytest.mark.slow
 def test_visits_queued_together_each_get_their_own_visit_and_every_counter_adds_up(
     one_connection: Replica, databases: Databases
 ) -> None:

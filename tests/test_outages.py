@@ -15,6 +15,8 @@ from infra.localstack.replicas import Replica
 from service.db import spoke_unasked
 from tests.conftest import APP, Databases, StartService, make_items, stopped
 
+pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped and restarted
+
 POOL_TIMEOUT = 1.0
 MARGIN = 5.0  # room for a loaded machine above a bound, still below DB_DEADLINE (8 s)
 

@@ -27,6 +27,8 @@ from tests.conftest import (
 )
 from tests.support.postgres import ROW_LOCK, TABLE_LOCK, LockHolder, log_since
 
+pytestmark = pytest.mark.slow  # gunicorn replicas
+
 DEADLINE = 3.0
 STATEMENT_TIMEOUT = 1.5
 # Room for a loaded machine above a bound: an answer later than this is a hang.
