@@ -1,7 +1,8 @@
 """A throwaway PostgreSQL and PgBouncer for the session, and real service processes.
 
-Everything listens on 127.0.0.1 on free ports, runs from a temporary directory, and is
-stopped by the pid recorded at start, whether the tests pass or fail.
+Everything listens on 127.0.0.1 on free ports below the ephemeral range (so no client
+socket can hold one), runs from a temporary directory, and is stopped by the pid
+recorded at start, whether the tests pass or fail.
 """
 
 from __future__ import annotations
@@ -32,6 +33,23 @@ APP_PASSWORD = "app-test-password"
 ADMIN_PASSWORD = "admin-test-password"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test that starts gunicorn (through `start_service`, directly or by a
+    fixture that uses it) without the `slow` marker, so `-m "not slow"` stays quick.
+    Tests that start a whole stack, or restart servers, carry it too: no fixture
+    tells those apart, so that half of the rule is kept by hand."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "start_service" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these start gunicorn, so they must be marked slow: " + ", ".join(unmarked)
+        )
+
+
 @dataclass
 class Databases:
     """The session's PostgreSQL and PgBouncer, and how to reach them."""
@@ -52,7 +70,7 @@ class Databases:
         """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it."""
         return PgBouncer(
             self.root / name,
-            procs.free_port(),
+            procs.free_port_block(1),
             self.postgres.port,
             APP,
             users={APP: APP_PASSWORD},
@@ -74,10 +92,14 @@ def scratch() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def databases(scratch: Path) -> Iterator[Databases]:
-    pg = Postgres(scratch / "postgres", procs.free_port(), max_connections=60)
+    # One block below the ephemeral range: an ephemeral port (what free_port gives) can
+    # be taken by any client socket on a loaded machine before the server binds it, or
+    # while a test has the server stopped.
+    port = procs.free_port_block(2)
+    pg = Postgres(scratch / "postgres", port, max_connections=60)
     bouncer = PgBouncer(
         scratch / "pgbouncer",
-        procs.free_port(),
+        port + 1,
         pg.port,
         APP,
         users={APP: APP_PASSWORD},
@@ -177,6 +199,19 @@ def metric_samples(url: str, name: str) -> dict[str, float]:
         if family.name == name:
             return {s.labels["pid"]: s.value for s in family.samples}
     return {}
+
+
+def counter_total(url: str, name: str) -> float:
+    """A counter's value on a replica's metrics port, all workers together."""
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        if family.name == name:
+            return sum(s.value for s in family.samples if s.name == f"{name}_total")
+    return 0.0
+
+
+def requests_waiting(replica: Replica) -> float:
+    """Requests queued for a connection on a replica now, all workers (its gauge)."""
+    return sum(metric_samples(replica.metrics_url, "pgscale_pool_requests_waiting").values())
 
 
 def make_items(base_url: str, count: int) -> list[int]:

@@ -8,6 +8,8 @@ import httpx
 import jsonschema  # type: ignore[import-untyped,unused-ignore]  # no stubs installed
 import pytest
 
+pytestmark = pytest.mark.slow  # the session's gunicorn replica
+
 PROBLEM = "application/problem+json"
 
 

@@ -60,6 +60,7 @@ def test_every_pair_a_target_compares_is_in_the_plan() -> None:
         assert bottom in runs
 
 
+@pytest.mark.slow
 def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     subprocess.run(
         [

@@ -42,11 +42,13 @@ def test_a_full_queue_refuses_at_once() -> None:
         held = asyncio.create_task(hold(queue, release, log, 0))
         queued = asyncio.create_task(hold(queue, release, log, 1))
         await asyncio.sleep(0.01)
-        started = time.monotonic()
+        assert queue.waiting == 1
+        # At once: entering the slot raises on its first step, before it ever yields to
+        # the event loop (a clock would say so too, unless the machine is busy).
+        entering = queue.slot().__aenter__()
         with pytest.raises(TooManyRequests):
-            async with queue.slot():
-                pass
-        assert time.monotonic() - started < 0.1
+            entering.send(None)
+        assert queue.waiting == 1  # the refused request never counted as waiting
         release.set()
         await asyncio.gather(held, queued)
         assert log == [0, 1]
@@ -64,7 +66,8 @@ def test_a_wait_ends_after_the_timeout_and_leaves_nothing_behind() -> None:
         with pytest.raises(PoolTimeout):
             async with queue.slot():
                 pass
-        assert 0.15 < time.monotonic() - started < 1.0
+        # At least the timeout; the upper bound only says it ended, on a busy machine too.
+        assert 0.15 < time.monotonic() - started < 5.0
         assert queue.waiting == 0
         # A waiter cancelled (its client went away) gives its place back too.
         cancelled = asyncio.create_task(hold(queue, release, [], 1))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,36 +13,54 @@ import httpx
 import psycopg
 import pytest
 
+from infra.localstack import procs
 from infra.localstack.replicas import Replica
 from loadtests.bench import statement_totals
 from service import sql
-from tests.conftest import Databases, StartService, make_items
-from tests.test_pool_pressure import locked
+from tests.conftest import Databases, StartService, make_items, requests_waiting
+from tests.support.postgres import TABLE_LOCK, LockHolder
 
 MISSING = 2**62  # no such item
+# How long the queued requests may wait for the connection: ample time to see them all
+# queued and let the lock go, and below the role's statement_timeout (5 s), which would
+# otherwise end the first request's wait on the lock.
+POOL_TIMEOUT = 3.0
 
 
 @pytest.fixture(scope="module")
 def one_connection(start_service: StartService) -> Replica:
     """A worker with a single connection: whatever arrives while it is busy queues."""
-    return start_service(pool_min=1, pool_max=1, pool_timeout=3, pool_stats_interval=0.2)
+    return start_service(pool_min=1, pool_max=1, pool_timeout=POOL_TIMEOUT, pool_stats_interval=0.1)
 
 
 def queued_together(
-    databases: Databases, send: list[int], call: Callable[[int], httpx.Response]
+    replica: Replica,
+    databases: Databases,
+    send: list[int],
+    call: Callable[[int], httpx.Response],
 ) -> list[httpx.Response]:
     """Send every request while the items table is locked, so they all queue behind the
-    first one, which holds the worker's only connection; then let them through."""
+    first one, which holds the worker's only connection; then let them through.
+
+    Nothing here waits a fixed time: the first request is on the connection once
+    PostgreSQL shows it blocked on the lock, the rest are queued once the worker's
+    waiting gauge counts every one of them."""
     with (
-        locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=1.0),
         ThreadPoolExecutor(max_workers=len(send)) as pool,
+        LockHolder(databases.direct_url, TABLE_LOCK) as lock,
     ):
         first = pool.submit(call, send[0])
-        time.sleep(0.2)
+        assert lock.wait_blocked(1), "the first request never reached the lock"
         rest = [pool.submit(call, item) for item in send[1:]]
+        queued = procs.wait_until(
+            lambda: requests_waiting(replica) == len(rest), POOL_TIMEOUT, interval=0.05
+        )
+        lock.release()
+        assert queued, f"{len(rest)} requests never all queued: {requests_waiting(replica)}"
         return [first.result(), *(f.result() for f in rest)]
 
 
+@pytest.mark.slow
 def test_reads_queued_together_share_a_statement_and_each_gets_its_own_item(
     one_connection: Replica, databases: Databases
 ) -> None:
@@ -52,20 +69,29 @@ def test_reads_queued_together_share_a_statement_and_each_gets_its_own_item(
     random.Random(7).shuffle(asked)
     before = statement_totals(one_connection.metrics_url, "items by id")
     with httpx.Client(base_url=one_connection.url, timeout=15) as http:
-        answers = queued_together(databases, asked, lambda i: http.get(f"/items/{i}"))
+        answers = queued_together(
+            one_connection, databases, asked, lambda i: http.get(f"/items/{i}")
+        )
     for item_id, resp in zip(asked, answers, strict=True):
         if item_id == MISSING:
             assert resp.status_code == 404, resp.text
         else:
             assert resp.status_code == 200, resp.text
             assert resp.json()["id"] == item_id
-    time.sleep(0.5)  # the tally reaches the metrics on the next stats beat
-    after = statement_totals(one_connection.metrics_url, "items by id")
-    count, total = (a - b for a, b in zip(after, before, strict=True))
+
+    # The worker's tally reaches its metrics on a stats beat: wait for every request.
+    def counted() -> tuple[float, float]:
+        after = statement_totals(one_connection.metrics_url, "items by id")
+        count, total = (a - b for a, b in zip(after, before, strict=True))
+        return count, total
+
+    assert procs.wait_until(lambda: counted()[1] >= len(asked), 15), counted()
+    count, total = counted()
     assert total == len(asked)  # every request counted once
-    assert count <= 3  # the first alone, the rest in one or two batches, not 17 statements
+    assert count == 2  # the first alone, then all the rest queued together: not 17 statements
 
 
+@pytest.mark.slow
 def test_visits_queued_together_each_get_their_own_visit_and_every_counter_adds_up(
     one_connection: Replica, databases: Databases
 ) -> None:
@@ -74,7 +100,7 @@ def test_visits_queued_together_each_get_their_own_visit_and_every_counter_adds_
     random.Random(3).shuffle(asked)
     with httpx.Client(base_url=one_connection.url, timeout=15) as http:
         answers = queued_together(
-            databases, asked, lambda i: http.post("/visits", json={"item_id": i})
+            one_connection, databases, asked, lambda i: http.post("/visits", json={"item_id": i})
         )
     visit_ids = []
     for item_id, resp in zip(asked, answers, strict=True):

@@ -557,7 +557,7 @@ def test_wait_schema_waits_for_the_migration(databases: Databases) -> None:
     )
     assert ready.returncode == 0, ready.stderr
     assert "schema at version" in ready.stdout
-    nowhere = f"postgresql://app:x@127.0.0.1:{procs.free_port()}/app"
+    nowhere = f"postgresql://app:x@127.0.0.1:{procs.free_port_block(1)}/app"
     late = run(
         *command,
         "--timeout",

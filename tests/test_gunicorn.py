@@ -13,6 +13,7 @@ from infra.localstack import procs
 from tests.conftest import Databases, StartService, make_items
 
 
+@pytest.mark.slow
 def test_two_workers_each_open_their_own_pool(
     start_service: StartService, databases: Databases
 ) -> None:
@@ -41,6 +42,7 @@ def test_two_workers_each_open_their_own_pool(
     assert len(workers) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_replica_and_closes_its_pools(
     start_service: StartService, databases: Databases
 ) -> None:
@@ -60,6 +62,7 @@ def test_sigterm_stops_the_replica_and_closes_its_pools(
     assert "Traceback" not in replica.log.read_text()
 
 
+@pytest.mark.slow
 def test_a_replica_that_cannot_fit_the_budget_refuses_to_start(
     start_service: StartService,
 ) -> None:
@@ -70,6 +73,7 @@ def test_a_replica_that_cannot_fit_the_budget_refuses_to_start(
     assert "max_client_conn" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_declared_replica_count_that_overflows_is_a_warning(
     start_service: StartService,
 ) -> None:
@@ -99,6 +103,7 @@ def test_the_master_does_not_import_prometheus_client_before_its_directory_is_se
     assert probe.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_prepared_statements_behind_pgbouncer_without_tracking_refuse_to_start(
     start_service: StartService,
 ) -> None:
@@ -107,6 +112,7 @@ def test_prepared_statements_behind_pgbouncer_without_tracking_refuse_to_start(
     assert "PREPARED_STATEMENTS=true needs PgBouncer >= 1.22" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_the_service_logs_which_prepared_statement_mode_it_chose(
     start_service: StartService, databases: Databases
 ) -> None:

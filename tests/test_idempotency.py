@@ -7,8 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psycopg
+import pytest
 
 from tests.conftest import Databases
+
+pytestmark = pytest.mark.slow  # the session's gunicorn replica
 
 
 def key() -> str:

@@ -149,7 +149,7 @@ def test_a_broken_threshold_fails_the_run(
 def test_distributed_run_samples_on_the_master_only(
     target: Replica, locust_env: dict[str, str], tmp_path: Path
 ) -> None:
-    port = str(procs.free_port())
+    port = str(procs.free_port_block(1))  # the master's, below the ephemeral range
     worker_csv = tmp_path / "worker_connections.csv"
     worker_args = ["-f", "loadtests/visits.py", "--worker", "--master-port", port]
     worker_log = tmp_path / "worker.log"
@@ -186,7 +186,7 @@ def test_sampler_keeps_going_when_a_database_does_not_answer(
     target: Replica, locust_env: dict[str, str], tmp_path: Path
 ) -> None:
     prefix = tmp_path / "unreachable"
-    closed = f"host=127.0.0.1 port={procs.free_port()} dbname=pgbouncer user=nobody"
+    closed = f"host=127.0.0.1 port={procs.free_port_block(1)} dbname=pgbouncer user=nobody"
     result = locust(
         locust_env,
         *("-f", "loadtests/browse.py", "--headless", "-u", "2", "-r", "2", "-t", "2s"),

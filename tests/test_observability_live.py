@@ -23,6 +23,8 @@ from infra.localstack.stack import Stack
 from tests.conftest import Databases, StartService, metric_samples
 from tests.test_observability import DASHBOARDS, panels
 
+pytestmark = pytest.mark.slow  # a whole stack under load, and gunicorn
+
 RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape, ...))
 
 

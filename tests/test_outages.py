@@ -15,7 +15,10 @@ from infra.localstack.replicas import Replica
 from service.pool import spoke_unasked
 from tests.conftest import APP, Databases, StartService, make_items, stopped
 
+pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped and restarted
+
 POOL_TIMEOUT = 1.0
+MARGIN = 5.0  # room for a loaded machine above a bound, still below DB_DEADLINE (8 s)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,13 @@ def test_readiness_follows_pgbouncer(replica: Replica, own_bouncer: PgBouncer) -
         assert resp.status_code == 503
         assert resp.headers["retry-after"] == "1"
         assert resp.headers["content-type"] == "application/problem+json"
-        assert elapsed < POOL_TIMEOUT + 1.0
+        # Ended by the bounded wait for a connection (or the failed connection itself),
+        # not left to DB_DEADLINE (8 s) or hung; the bound leaves room for a slow machine.
+        assert resp.json()["detail"] in {
+            "no database connection available in time",
+            "the database is unavailable",
+        }
+        assert elapsed < POOL_TIMEOUT + MARGIN
     assert procs.wait_until(lambda: status(f"{replica.url}/readyz") == 200, 20)
     # Connections that died with PgBouncer are replaced at checkout: no user sees them.
     ids = make_items(replica.url, 40)
@@ -75,17 +84,19 @@ def test_idle_connections_killed_behind_our_back_are_replaced(
         assert http.get(f"/items/{ids[0]}").status_code == 200
         own_bouncer.stop()
         own_bouncer.start()
-        started = time.monotonic()
         first = http.get(f"/items/{ids[0]}")
-        elapsed = time.monotonic() - started
         responses = [http.get(f"/items/{i}") for i in ids]
         # A write is never sent on an untested connection, so it survives a restart too.
         own_bouncer.stop()
         own_bouncer.start()
         write = http.post("/visits", json={"item_id": ids[0]})
+    # All four idle connections died with PgBouncer. A checkout gives up after
+    # POOL_TIMEOUT (1 s) with a 503, so a 200 means the dead ones were swept at once,
+    # not tried one by one with psycopg_pool's backoff (service/db.py CheckAndSweep).
+    # (The request's own elapsed time would add HTTP and the query to that, noise a
+    # loaded machine can push past the second.)
     assert first.status_code == 200, first.text
     assert write.status_code == 201, write.text
-    assert elapsed < POOL_TIMEOUT, "dead connections are swept at once, not tried one by one"
     assert [r.status_code for r in responses] == [200] * 20
 
 

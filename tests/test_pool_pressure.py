@@ -1,162 +1,206 @@
-"""Pool pressure never hangs a request: bounded waits, 503 with Retry-After, then recovery."""
+"""Pool pressure never hangs a request: bounded waits, 503 with Retry-After, then recovery.
+
+Each test makes the pressure real and waits for it on the server's own state: requests
+stuck on a lock the test holds are counted by PostgreSQL (`LockHolder.blocked`), the
+requests queued behind them by the worker's waiting gauge. Then it asserts the cause
+of each answer (its problem detail, PostgreSQL's log, the service's counters) and
+keeps the clock for lower bounds, which a slow machine cannot break, and for upper
+bounds generous enough that only a hang would.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
-import psycopg
 import pytest
 
+from infra.localstack import procs
 from infra.localstack.replicas import Replica
-from tests.conftest import Databases, StartService, make_items, metric_samples
+from tests.conftest import (
+    Databases,
+    StartService,
+    counter_total,
+    make_items,
+    requests_waiting,
+)
+from tests.support.postgres import ROW_LOCK, TABLE_LOCK, LockHolder, log_since
 
-POOL_TIMEOUT = 0.5
+pytestmark = pytest.mark.slow  # gunicorn replicas
+
 DEADLINE = 3.0
 STATEMENT_TIMEOUT = 1.5
+# Room for a loaded machine above a bound: an answer later than this is a hang.
+MARGIN = 5.0
+
+POOL_WAIT_DETAIL = "no database connection available in time"
+QUEUE_FULL_DETAIL = "too many requests waiting for the database"
+TOO_SLOW_DETAIL = "the database did not answer in time"
+CANCELLED = "canceling statement due to statement timeout"
+
+
+def timed_get(http: httpx.Client, url: str) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    resp = http.get(url)
+    return resp, time.monotonic() - started
+
+
+def page(n: int) -> str:
+    """A page read: pages never share a statement, so each holds or waits on its own
+    (reads by id that queue together ride one batch: service/coalesce.py)."""
+    return f"/items?limit=1&after={n}"
+
+
+def assert_unavailable(resp: httpx.Response, detail: str, retry_after: str) -> None:
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["retry-after"] == retry_after
+    assert resp.headers["content-type"] == "application/problem+json"
+    assert resp.json()["detail"] == detail
+
+
+# ---- a full pool, a full queue -----------------------------------------------------------
+
+POOL_TIMEOUT = 2.0  # long enough to see the queue full while it waits
+MAX_WAITING = 2
 
 
 @pytest.fixture(scope="module")
-def tight(start_service: StartService) -> Replica:
-    """One worker with two connections, two waiting places, and short bounds."""
+def saturable(start_service: StartService) -> Replica:
+    """One worker with two connections and two waiting places, its gauges fresh.
+
+    The connections are held by reads stuck on a lock, which the role's statement_timeout
+    (5 s, set by the migration) ends: the test lets the lock go well before that.
+    """
     return start_service(
         pool_min=2,
         pool_max=2,
         pool_timeout=POOL_TIMEOUT,
-        pool_max_waiting=2,
+        pool_max_waiting=MAX_WAITING,
+        retry_after=2,
+        pool_stats_interval=0.1,
+    )
+
+
+def test_saturated_pool_answers_503_within_the_wait_then_recovers(
+    saturable: Replica, databases: Databases
+) -> None:
+    with (
+        httpx.Client(base_url=saturable.url, timeout=30) as http,
+        ThreadPoolExecutor(max_workers=4) as pool,
+        LockHolder(databases.direct_url, TABLE_LOCK) as lock,
+    ):
+        holders = [pool.submit(timed_get, http, page(n)) for n in range(2)]
+        assert lock.wait_blocked(2), "both connections should be stuck behind the lock"
+        queued = [pool.submit(timed_get, http, page(n)) for n in range(2, 2 + MAX_WAITING)]
+        full = procs.wait_until(
+            lambda: requests_waiting(saturable) == MAX_WAITING, POOL_TIMEOUT, interval=0.05
+        )
+        assert full, f"{MAX_WAITING} requests should be waiting: {requests_waiting(saturable)}"
+        # Both connections held and both places taken: the next one is refused at once.
+        refused, refused_after = timed_get(http, page(9))
+        waited = [f.result() for f in queued]
+        lock.release()
+        served = [f.result() for f in holders]
+
+    assert_unavailable(refused, QUEUE_FULL_DETAIL, "2")
+    assert refused_after < POOL_TIMEOUT, "refused without waiting for a connection"
+    for resp, elapsed in waited:
+        assert_unavailable(resp, POOL_WAIT_DETAIL, "2")
+        assert POOL_TIMEOUT <= elapsed < POOL_TIMEOUT + MARGIN
+    # The two that held the connections waited out the lock, and were served.
+    assert [resp.status_code for resp, _ in served] == [200, 200]
+    assert procs.wait_until(lambda: requests_waiting(saturable) == 0, 10)
+
+    with httpx.Client(base_url=saturable.url, timeout=30) as http:
+        statuses = [http.get(f"/items/{i}").status_code for i in make_items(saturable.url, 20)]
+    assert statuses == [200] * 20
+
+
+# ---- bounds on database work -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tight(start_service: StartService) -> Replica:
+    """One worker with two connections and short bounds on database work."""
+    return start_service(
+        pool_min=2,
+        pool_max=2,
         statement_timeout=STATEMENT_TIMEOUT,
         db_deadline=DEADLINE,
         retry_after=2,
     )
 
 
-@contextmanager
-def locked(databases: Databases, statement: str, hold: float) -> Iterator[None]:
-    """Hold a lock straight on PostgreSQL for `hold` seconds (in a thread), then release."""
-    ready = threading.Event()
-
-    def holder() -> None:
-        with psycopg.connect(databases.direct_url) as conn:
-            conn.execute(statement)
-            ready.set()
-            time.sleep(hold)
-            conn.rollback()
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert ready.wait(5)
-        yield
-    finally:
-        thread.join()
-
-
-def timed_get(http: httpx.Client, url: str) -> tuple[int, float, httpx.Response]:
-    started = time.monotonic()
-    resp = http.get(url)
-    return resp.status_code, time.monotonic() - started, resp
-
-
-def test_saturated_pool_answers_503_within_the_wait_then_recovers(
-    tight: Replica, databases: Databases
-) -> None:
-    (item,) = make_items(tight.url, 1)
-    with httpx.Client(base_url=tight.url, timeout=30) as http:
-        with (
-            locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=1.5),
-            ThreadPoolExecutor(max_workers=8) as pool,
-        ):
-            results = list(pool.map(lambda _: timed_get(http, f"/items/{item}"), range(8)))
-
-        ok = [r for r in results if r[0] == 200]
-        refused = [r for r in results if r[0] == 503]
-        # Those that got one of the two connections (alone, or sharing its statement
-        # with a request that arrived in the same turn) waited out the lock.
-        assert len(ok) >= 2, results
-        assert all(elapsed > 1.0 for _, elapsed, _ in ok), results
-        assert len(ok) + len(refused) == 8
-        for _, elapsed, resp in refused:
-            assert resp.headers["retry-after"] == "2"
-            assert resp.headers["content-type"] == "application/problem+json"
-            assert elapsed < POOL_TIMEOUT + 0.5
-        immediate = [r for r in refused if r[1] < POOL_TIMEOUT * 0.6]
-        waited = [r for r in refused if r[1] >= POOL_TIMEOUT * 0.8]
-        assert immediate, "requests beyond POOL_MAX_WAITING are refused at once"
-        assert waited, "queued requests give up after POOL_TIMEOUT"
-        assert {r[2].json()["detail"] for r in immediate} == {
-            "too many requests waiting for the database"
-        }
-        assert {r[2].json()["detail"] for r in waited} == {
-            "no database connection available in time"
-        }
-
-        statuses = [http.get(f"/items/{i}").status_code for i in make_items(tight.url, 20)]
-        assert statuses == [200] * 20
-
-
 def test_statement_timeout_cancels_a_blocked_write(tight: Replica, databases: Databases) -> None:
+    (item,) = make_items(tight.url, 1)
     with (
         httpx.Client(base_url=tight.url, timeout=30) as http,
-        locked(
-            databases, "SELECT * FROM items WHERE id = 3 FOR UPDATE", hold=STATEMENT_TIMEOUT + 2
-        ),
+        log_since(databases.postgres.log) as postgres_log,
+        LockHolder(databases.direct_url, ROW_LOCK, (item,)) as lock,
     ):
         started = time.monotonic()
-        resp = http.post("/visits", json={"item_id": 3})
+        resp = http.post("/visits", json={"item_id": item})
         elapsed = time.monotonic() - started
-        assert resp.status_code == 503
-        assert resp.headers["retry-after"] == "2"
-        assert STATEMENT_TIMEOUT * 0.9 <= elapsed < DEADLINE
-        with psycopg.connect(databases.direct_url, autocommit=True) as conn:
-            running = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE query LIKE '%%INSERT INTO visits%%' AND state = 'active'"
-                " AND pid <> pg_backend_pid()"
-            ).fetchone()
-        assert running == (0,), "the cancelled statement must not run on"
-    assert httpx.post(f"{tight.url}/visits", json={"item_id": 3}).status_code == 201
+        left_waiting = lock.blocked()
+    assert_unavailable(resp, TOO_SLOW_DETAIL, "2")
+    # PostgreSQL ended it (not our deadline), after it had waited on the lock that long.
+    assert CANCELLED in postgres_log()
+    assert STATEMENT_TIMEOUT * 0.9 <= elapsed < DEADLINE + MARGIN
+    assert left_waiting == 0, "the cancelled statement must not wait on"
+    assert httpx.post(f"{tight.url}/visits", json={"item_id": item}).status_code == 201
 
 
 def test_deadline_bounds_a_read_stuck_behind_a_lock(tight: Replica, databases: Databases) -> None:
     """Reads carry no SET LOCAL; the per-request deadline bounds them."""
+    before = counter_total(tight.metrics_url, "pgscale_db_deadline_exceeded")
     with (
         httpx.Client(base_url=tight.url, timeout=30) as http,
-        locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=DEADLINE + 1.5),
+        log_since(databases.postgres.log) as postgres_log,
+        LockHolder(databases.direct_url, TABLE_LOCK),
     ):
-        status, elapsed, resp = timed_get(http, "/items/1")
-        assert status == 503
-        assert resp.json()["detail"] == "the database did not answer in time"
-        assert DEADLINE * 0.9 <= elapsed < DEADLINE + 1.0
+        resp, elapsed = timed_get(http, "/items/1")
+    assert_unavailable(resp, TOO_SLOW_DETAIL, "2")
+    # Our deadline ended it, not the role's statement_timeout (5 s) in PostgreSQL.
+    assert counter_total(tight.metrics_url, "pgscale_db_deadline_exceeded") == before + 1
+    assert CANCELLED not in postgres_log()
+    assert DEADLINE * 0.9 <= elapsed < DEADLINE + MARGIN
     with httpx.Client(base_url=tight.url, timeout=30) as http:
         (item,) = make_items(tight.url, 1)
         assert [http.get(f"/items/{item}").status_code for _ in range(5)] == [200] * 5
 
 
+# ---- the waiting gauge -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_connection(start_service: StartService) -> Replica:
+    """One worker with one connection; queued requests wait up to 3 s, below the role's
+    statement_timeout (5 s) that would end the first one's wait on the lock."""
+    return start_service(pool_min=1, pool_max=1, pool_timeout=3, pool_stats_interval=0.1)
+
+
+@pytest.mark.parametrize("by_id", [False, True], ids=["pages", "by-id"])
 def test_requests_queued_for_a_connection_show_in_the_waiting_gauge(
-    start_service: StartService, databases: Databases
+    one_connection: Replica, databases: Databases, by_id: bool
 ) -> None:
-    """Queued requests wait in the worker's CheckoutQueue, or ride a batch queued there
-    (service/coalesce.py); the gauge must count every one of them."""
-    replica = start_service(pool_min=1, pool_max=1, pool_timeout=2, pool_stats_interval=0.2)
-    (item,) = make_items(replica.url, 1)
-    seen: list[float] = []
+    """Queued requests wait in the worker's CheckoutQueue (pages), or ride a batch queued
+    there (reads by id: service/coalesce.py); the gauge must count every one of them."""
+    (item,) = make_items(one_connection.url, 1)
+
+    def url(n: int) -> str:
+        return f"/items/{item}" if by_id else page(n)
+
     with (
-        httpx.Client(base_url=replica.url, timeout=30) as http,
-        locked(databases, "LOCK TABLE items IN ACCESS EXCLUSIVE MODE", hold=1.5),
+        httpx.Client(base_url=one_connection.url, timeout=30) as http,
         ThreadPoolExecutor(max_workers=4) as pool,
+        LockHolder(databases.direct_url, TABLE_LOCK) as lock,
     ):
-        waiting = [pool.submit(http.get, f"/items/{item}")]
-        time.sleep(0.2)  # it holds the one connection, stuck behind the lock
-        waiting += [pool.submit(http.get, f"/items/{item}") for _ in range(3)]
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            waiting_now = metric_samples(replica.metrics_url, "pgscale_pool_requests_waiting")
-            seen.append(sum(waiting_now.values()))
-            time.sleep(0.1)
-        statuses = [f.result().status_code for f in waiting]
-    assert max(seen) == 3, seen  # one request holds the connection, three queue
+        first = pool.submit(http.get, url(0))
+        assert lock.wait_blocked(1), "the first request should hold the one connection"
+        queued = [pool.submit(http.get, url(n)) for n in range(1, 4)]
+        seen = procs.wait_until(lambda: requests_waiting(one_connection) == 3, 3, interval=0.05)
+        lock.release()
+        statuses = [f.result().status_code for f in [first, *queued]]
+    assert seen, f"three requests queue behind the first: {requests_waiting(one_connection)}"
     assert statuses == [200] * 4  # the lock goes before POOL_TIMEOUT: all are served

@@ -15,7 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import StartService
+
+pytestmark = pytest.mark.slow  # a gunicorn replica of its own
 
 MIN_CASES = 1000
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")

@@ -15,6 +15,8 @@ import pytest
 from infra.localstack import procs
 from infra.localstack.config import REPO
 
+pytestmark = pytest.mark.slow  # make up/status/down of a whole stack
+
 
 @pytest.fixture(scope="module")
 def stack_env(scratch: Path) -> Iterator[dict[str, str]]:

@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from infra.localstack.config import REPO
+
+pytestmark = pytest.mark.slow  # stacks, one per cell
 
 
 def sweep(out: Path, *args: str) -> dict[str, Any]:

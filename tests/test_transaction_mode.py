@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 
 from tests.conftest import Databases, StartService
 
@@ -49,6 +50,7 @@ def test_no_prepared_statement_errors_with_prepare_threshold_none(databases: Dat
     assert errors == []
 
 
+@pytest.mark.slow
 def test_service_survives_hundreds_of_identical_queries(
     start_service: StartService, databases: Databases
 ) -> None:

@@ -16,10 +16,9 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import LiteralString
 
 import httpx
 import psycopg
@@ -31,12 +30,11 @@ from tests.faults.harness import SEED_ITEMS, Harness
 from tests.faults.ledger import Ledger, audit
 from tests.faults.load import Attempt, Load, Recorder, post_visit, timed
 from tests.faults.report import Check, Row
+from tests.support.postgres import ROW_LOCK, TABLE_LOCK, LockHolder, log_since
 
 POOL_WAIT_DETAIL = "no database connection available in time"
 QUEUE_FULL_DETAIL = "too many requests waiting for the database"
 TOO_SLOW_DETAIL = "the database did not answer in time"
-ROW_LOCK: LiteralString = "SELECT 1 FROM items WHERE id = %s FOR UPDATE"
-TABLE_LOCK: LiteralString = "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"
 
 
 @dataclass
@@ -275,82 +273,6 @@ def restart_unready(harness: Harness) -> list[str]:
             restarted.append(replica.name)
     harness.wait_healthy()
     return restarted
-
-
-# ---- helpers -----------------------------------------------------------------------------
-
-
-class LockHolder:
-    """A transaction straight on PostgreSQL that takes a lock and holds it until released."""
-
-    def __init__(
-        self, conninfo: str, statement: LiteralString, params: tuple[object, ...] = ()
-    ) -> None:
-        self.conninfo = conninfo
-        self.statement = statement
-        self.params = params
-        self.pid = 0
-        self._taken = threading.Event()
-        self._release = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._hold, name="lock-holder")
-
-    def _hold(self) -> None:
-        try:
-            with psycopg.connect(self.conninfo) as conn:
-                row = conn.execute("SELECT pg_backend_pid()").fetchone()
-                self.pid = int(row[0]) if row else 0
-                conn.execute(self.statement, self.params)
-                self._taken.set()
-                self._release.wait(60)
-                conn.rollback()
-        except BaseException as exc:
-            self._error = exc
-            self._taken.set()
-
-    def __enter__(self) -> LockHolder:
-        self._thread.start()
-        if not self._taken.wait(10) or self._error is not None:
-            raise AssertionError(f"could not take the lock: {self._error}")
-        return self
-
-    def release(self) -> None:
-        self._release.set()
-        self._thread.join(15)
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def blocked(self) -> int:
-        """Backends waiting on this lock now, directly or queued behind another waiter."""
-        with psycopg.connect(self.conninfo, autocommit=True) as conn:
-            row = conn.execute(
-                """
-                WITH RECURSIVE waiting(pid) AS (
-                    SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))
-                    UNION
-                    SELECT a.pid FROM pg_stat_activity a
-                    JOIN waiting w ON w.pid = ANY(pg_blocking_pids(a.pid))
-                )
-                SELECT count(*) FROM waiting
-                """,
-                (self.pid,),
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-
-@contextlib.contextmanager
-def log_since(path: os.PathLike[str]) -> Iterator[Callable[[], str]]:
-    """What a log file gained while the block ran (read with the returned function)."""
-    with open(path, "rb") as f:
-        start = f.seek(0, os.SEEK_END)
-
-    def read() -> str:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read().decode(errors="replace")
-
-    yield read
 
 
 # ---- PgBouncer ---------------------------------------------------------------------------
