@@ -26,6 +26,8 @@ from service.pool import PoolKeeper
 from service.settings import Settings
 from tests.conftest import APP, Databases, StartService, make_items, metric_samples
 
+pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped until pools give up
+
 RECONNECT_TIMEOUT = 2.0
 WORKERS = 2
 RECOVERED_WITHIN = 15.0  # seconds: generous for a loaded 2-core machine (target: 5)
