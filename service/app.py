@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 from fastapi import FastAPI
-from psycopg.rows import DictRow
 
 from service.bodylimit import BodySizeLimit
-from service.coalesce import Coalescer
+from service.coalesce import Coalescer, Many, One, Runs
 from service.db import Database
+from service.deps import ItemReads, VisitWrites
 from service.errors import install_error_handlers
 from service.metrics import (
     TALLY,
@@ -25,18 +25,42 @@ from service.metrics import (
     PrometheusPoolObserver,
 )
 from service.openapi import exact_integer_bounds
-from service.pool import PoolHealth, PoolKeeper, pool_name
+from service.pool import Connection, PoolHealth, PoolKeeper, pool_name
 from service.prepared import describe_prepared_statements, prepare_threshold
 from service.routes import health, items, visits
 from service.settings import DeploymentSettings, Settings, get_settings
 
 logger = logging.getLogger("service")
 
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+
 
 class State(TypedDict):
     db: Database
-    item_reads: Coalescer[int, DictRow | None]
-    visit_writes: Coalescer[int, DictRow | None]
+    item_reads: ItemReads
+    visit_writes: VisitWrites
+
+
+def coalesced(
+    db: Database,
+    statement: str,
+    runs: Runs[Connection],
+    statements: tuple[One[Connection, K, R], Many[Connection, K, R]],
+) -> Coalescer[Connection, K, R]:
+    """Requests of one kind that queue for the worker's connections together share one
+    statement (service/coalesce.py); `statement` names it in the metrics. Off (every
+    request alone) with COALESCE_MAX=1, and with a connection per request."""
+    one, many = statements
+    return Coalescer(
+        runs,
+        one,
+        many,
+        queue=db.queue,
+        limit=1 if db.per_request else db.settings.coalesce_max,
+        observer=db.observer,
+        sizes=db.observer.statement_sizes(statement),
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,8 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield {
                 "db": db,
-                "item_reads": items.items_by_id(db),
-                "visit_writes": visits.visits_recorded(db),
+                "item_reads": coalesced(db, "items by id", db.read, items.read_by_id(db)),
+                "visit_writes": coalesced(db, "visits", db.write, visits.record_by_item(db)),
             }
         finally:
             keeping.cancel()

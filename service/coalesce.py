@@ -37,8 +37,9 @@ from service.metrics import NullPoolObserver, PoolObserver, TalliedHistogram
 
 if TYPE_CHECKING:
     from service.checkout import Party
-    from service.pool import Connection
 
+C = TypeVar("C")  # the connection a statement runs on (service.pool.Connection in the app)
+C_co = TypeVar("C_co", covariant=True)
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 T = TypeVar("T")
@@ -150,24 +151,24 @@ class _EveryRequest:
         return self.each.statement_sizes(statement)
 
 
-One = Callable[["Connection", K], Awaitable[R]]
-Many = Callable[["Connection", list[K]], Awaitable[Sequence[R]]]
+One = Callable[[C, K], Awaitable[R]]
+Many = Callable[[C, list[K]], Awaitable[Sequence[R]]]
 
 
-class Runs(Protocol):
+class Runs(Protocol[C_co]):
     """How a database call runs on a pooled connection: `Database.read` (repeated once
     on a dead connection) or `Database.write` (never repeated)."""
 
     def __call__(
         self,
-        run: Callable[[Connection], Awaitable[T]],
+        run: Callable[[C_co], Awaitable[T]],
         observer: PoolObserver | None = None,
         party: Party | None = None,
         /,
     ) -> Awaitable[T]: ...
 
 
-class Coalescer(Generic[K, R]):
+class Coalescer(Generic[C, K, R]):
     """One kind of request: served one by one, or in batches when several queue together.
 
     `one(conn, key)` answers one request, `many(conn, keys)` several (one answer per
@@ -179,9 +180,9 @@ class Coalescer(Generic[K, R]):
 
     def __init__(
         self,
-        runs: Runs,
-        one: One[K, R],
-        many: Many[K, R],
+        runs: Runs[C],
+        one: One[C, K, R],
+        many: Many[C, K, R],
         *,
         queue: CheckoutQueue,
         limit: int,
@@ -222,7 +223,7 @@ class Coalescer(Generic[K, R]):
         return await future
 
     async def _serve(self, batch: Batch[K, R]) -> None:
-        async def run(conn: Connection) -> Sequence[R]:
+        async def run(conn: C) -> Sequence[R]:
             keys = batch.take()
             if len(keys) == 1:
                 return [await self.one(conn, keys[0])]

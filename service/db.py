@@ -29,8 +29,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.checkout import CheckoutQueue, Party
-from service.coalesce import Coalescer, Many, One, Runs
-from service.errors import DatabaseDeadline, DatabaseDown
+from service.errors import DatabaseDown, DeadlineExceeded
 from service.metrics import NullPoolObserver, PoolObserver
 from service.pool import Connection, Pool, PoolKeeper
 from service.settings import Settings
@@ -211,7 +210,7 @@ class Database:
             return await self._bounded(call, self.deadline)
         except TimeoutError as exc:
             observer.deadline_exceeded()
-            raise DatabaseDeadline from exc
+            raise DeadlineExceeded from exc
 
     async def read(
         self,
@@ -273,27 +272,28 @@ class Database:
             return AsyncClientCursor(conn, row_factory=dict_row)
         return conn.cursor()
 
-    async def first_row(
+    async def first_row_on(
         self, conn: Connection, query: sql.Composable | str, params: Any = None
     ) -> DictRow | None:
-        """One read statement on `conn`: its first row."""
+        """One read statement on `conn`, a connection already checked out: its first row
+        (`fetch_one` checks one out for the statement)."""
         cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
         return await cur.fetchone()
 
-    async def all_rows(
+    async def all_rows_on(
         self, conn: Connection, query: sql.Composable | str, params: Any = None
     ) -> list[DictRow]:
-        """One read statement on `conn`: all its rows."""
+        """One read statement on `conn`, a connection already checked out: all its rows."""
         cur = await self.read_cursor(conn).execute(query, params)  # type: ignore[arg-type]
         return await cur.fetchall()
 
     async def fetch_one(self, query: sql.Composable | str, params: Any = None) -> DictRow | None:
-        """Run one read statement in autocommit and return its first row."""
-        return await self.read(lambda conn: self.first_row(conn, query, params))
+        """One read statement on a connection checked out for it: its first row."""
+        return await self.read(lambda conn: self.first_row_on(conn, query, params))
 
     async def fetch_all(self, query: sql.Composable | str, params: Any = None) -> list[DictRow]:
-        """Run one read statement in autocommit and return all its rows."""
-        return await self.read(lambda conn: self.all_rows(conn, query, params))
+        """One read statement on a connection checked out for it: all its rows."""
+        return await self.read(lambda conn: self.all_rows_on(conn, query, params))
 
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` in one explicit transaction with a statement timeout set LOCAL.
@@ -346,22 +346,6 @@ class Database:
             if not cur.nextset():
                 return rows
 
-    def coalescer(
-        self, statement: str, runs: Runs, one: One[K, R], many: Many[K, R]
-    ) -> Coalescer[K, R]:
-        """Requests of one kind that queue for this worker's connections together share
-        one statement (service/coalesce.py); `statement` names it in the metrics. Off
-        (every request alone) with COALESCE_MAX=1, and with a connection per request."""
-        return Coalescer(
-            runs,
-            one,
-            many,
-            queue=self.queue,
-            limit=1 if self.per_request else self.settings.coalesce_max,
-            observer=self.observer,
-            sizes=self.observer.statement_sizes(statement),
-        )
-
     async def ping(self, within: float) -> None:
         """`SELECT 1` within `within` seconds, connection checkout included.
 
@@ -374,7 +358,10 @@ class Database:
                 await conn.execute("SELECT 1")
             return
         call = self._once(_select_one, NullPoolObserver(), wait=within / 2)
-        await self._bounded(call, within)
+        try:
+            await self._bounded(call, within)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"no answer within {within} s") from exc
 
     async def _connect(self) -> Connection:
         """A new connection of our own: the naive pattern the benchmark compares against."""

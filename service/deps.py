@@ -10,7 +10,12 @@ from psycopg.rows import DictRow
 
 from service.coalesce import Coalescer
 from service.db import Database
+from service.pool import Connection
 from service.settings import Settings
+
+# The two coalesced kinds, both keyed by an item id (service/coalesce.py).
+ItemReads = Coalescer[Connection, int, DictRow | None]
+VisitWrites = Coalescer[Connection, int, DictRow | None]
 
 
 def database(request: Request) -> Database:
@@ -19,15 +24,15 @@ def database(request: Request) -> Database:
     return db
 
 
-def item_reads(request: Request) -> Coalescer[int, DictRow | None]:
+def item_reads(request: Request) -> ItemReads:
     """The worker's GET /items/{id} reads, coalesced when they queue together."""
-    reads: Coalescer[int, DictRow | None] = request.state.item_reads
+    reads: ItemReads = request.state.item_reads
     return reads
 
 
-def visit_writes(request: Request) -> Coalescer[int, DictRow | None]:
+def visit_writes(request: Request) -> VisitWrites:
     """The worker's POST /visits writes without a key, coalesced likewise."""
-    writes: Coalescer[int, DictRow | None] = request.state.visit_writes
+    writes: VisitWrites = request.state.visit_writes
     return writes
 
 

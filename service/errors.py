@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from fastapi import FastAPI, Request
@@ -44,21 +44,98 @@ class ThrottledWarning:
         logger.warning("%s on %s (%d more since the last report)", self.message, path, held)
 
 
-_warn_pool_timeout = ThrottledWarning("no pool connection within POOL_TIMEOUT")
-_warn_queue_full = ThrottledWarning("pool queue full (POOL_MAX_WAITING)")
-_warn_deadline = ThrottledWarning("database call exceeded DB_DEADLINE")
-_warn_statement_timeout = ThrottledWarning("statement cancelled (STATEMENT_TIMEOUT)")
-_warn_unavailable = ThrottledWarning("database unavailable")
-
 PROBLEM_JSON = "application/problem+json"
 
 
-class DatabaseDeadline(Exception):
+class Unavailable(Exception):
+    """The database cannot serve this request now: 503 with Retry-After.
+
+    Each kind carries what the client reads (`detail`), what the log says (`log`), and
+    the library exceptions that mean the same (`causes`: psycopg_pool's and psycopg's,
+    raised where they happen and answered here as their kind).
+    """
+
+    detail: ClassVar[str] = "the database is unavailable"
+    log: ClassVar[str] = "database unavailable"
+    causes: ClassVar[tuple[type[Exception], ...]] = ()
+
+    @staticmethod
+    def kind_of(exc: BaseException) -> type[Unavailable] | None:
+        """The kind of unavailability `exc` is, or None when it is none."""
+        if isinstance(exc, Unavailable):
+            return type(exc)
+        for kind in UNAVAILABLE:
+            if isinstance(exc, kind.causes):
+                return kind
+        return None
+
+
+class NoConnectionInTime(Unavailable):
+    """No pooled connection within POOL_TIMEOUT."""
+
+    detail = "no database connection available in time"
+    log = "no pool connection within POOL_TIMEOUT"
+    causes = (PoolTimeout,)
+
+
+class TooManyWaiting(Unavailable):
+    """POOL_MAX_WAITING requests already wait for a connection."""
+
+    detail = "too many requests waiting for the database"
+    log = "pool queue full (POOL_MAX_WAITING)"
+    causes = (TooManyRequests,)
+
+
+class DeadlineExceeded(Unavailable):
     """The whole database call took longer than DB_DEADLINE."""
 
+    detail = "the database did not answer in time"
+    log = "database call exceeded DB_DEADLINE"
 
-class DatabaseDown(Exception):
+
+class StatementTimedOut(Unavailable):
+    """PostgreSQL cancelled a statement at STATEMENT_TIMEOUT."""
+
+    detail = "the database did not answer in time"
+    log = "statement cancelled (STATEMENT_TIMEOUT)"
+    causes = (psycopg.errors.QueryCanceled,)
+
+
+class DatabaseDown(Unavailable):
     """The worker's probe finds the database path down: refused without waiting."""
+
+    detail = "the database is unavailable"
+    log = "database path down (the worker's probe failed)"
+
+
+class DatabaseUnreachable(Unavailable):
+    """A connection or a query failed on the way to the database."""
+
+    detail = "the database is unavailable"
+    log = "database unavailable"
+    causes = (psycopg.OperationalError,)
+
+
+class ShuttingDown(Unavailable):
+    """The worker is stopping: its pool is closed."""
+
+    detail = "the service is shutting down"
+    log = "the worker is stopping"
+    causes = (PoolClosed,)
+
+
+# Every kind, most specific first: QueryCanceled and psycopg_pool's own exceptions are
+# OperationalErrors too, so DatabaseUnreachable comes last.
+UNAVAILABLE: tuple[type[Unavailable], ...] = (
+    NoConnectionInTime,
+    TooManyWaiting,
+    DeadlineExceeded,
+    StatementTimedOut,
+    DatabaseDown,
+    ShuttingDown,
+    DatabaseUnreachable,
+)
+_WARNINGS = {kind: ThrottledWarning(kind.log) for kind in UNAVAILABLE}
 
 
 class NotFound(Exception):
@@ -69,13 +146,21 @@ class NotFound(Exception):
         self.what = what
 
 
-class InvalidReference(Exception):
-    """A body field points at a row that does not exist."""
+class InvalidField(Exception):
+    """A request field is well formed but cannot be accepted: 422 naming it."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+class MissingReference(InvalidField):
+    """A body field points at a row that does not exist."""
+
+
+class KeyReused(InvalidField):
+    """An Idempotency-Key already used for a different request."""
 
 
 def problem(
@@ -131,8 +216,8 @@ def install_error_handlers(app: FastAPI) -> None:
         fields = ", ".join(e["field"] for e in errors)
         return problem(422, "Unprocessable Content", f"invalid input: {fields}", errors=errors)
 
-    @app.exception_handler(InvalidReference)
-    async def invalid_reference(request: Request, exc: InvalidReference) -> JSONResponse:
+    @app.exception_handler(InvalidField)
+    async def invalid_field(request: Request, exc: InvalidField) -> JSONResponse:
         errors = [{"field": exc.field, "message": exc.message}]
         return problem(422, "Unprocessable Content", f"invalid input: {exc.field}", errors=errors)
 
@@ -154,41 +239,17 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return problem(exc.status_code, title, detail, headers=headers)
 
-    @app.exception_handler(PoolTimeout)
-    async def pool_timeout(request: Request, exc: PoolTimeout) -> JSONResponse:
-        _warn_pool_timeout(request.url.path)
-        return _unavailable(request, "no database connection available in time")
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        kind = Unavailable.kind_of(exc) or DatabaseUnreachable
+        path = request.url.path
+        _WARNINGS[kind](f"{path}: {exc}" if kind is DatabaseUnreachable else path)
+        return _unavailable(request, kind.detail)
 
-    @app.exception_handler(TooManyRequests)
-    async def too_many_waiting(request: Request, exc: TooManyRequests) -> JSONResponse:
-        _warn_queue_full(request.url.path)
-        return _unavailable(request, "too many requests waiting for the database")
-
-    @app.exception_handler(DatabaseDeadline)
-    async def deadline(request: Request, exc: DatabaseDeadline) -> JSONResponse:
-        _warn_deadline(request.url.path)
-        return _unavailable(request, "the database did not answer in time")
-
-    @app.exception_handler(psycopg.errors.QueryCanceled)
-    async def statement_timeout(
-        request: Request, exc: psycopg.errors.QueryCanceled
-    ) -> JSONResponse:
-        _warn_statement_timeout(request.url.path)
-        return _unavailable(request, "the database did not answer in time")
-
-    @app.exception_handler(DatabaseDown)
-    async def database_down(request: Request, exc: DatabaseDown) -> JSONResponse:
-        _warn_unavailable(f"{request.url.path}: {exc}")
-        return _unavailable(request, "the database is unavailable")
-
-    @app.exception_handler(psycopg.OperationalError)
-    async def database_unavailable(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
-        _warn_unavailable(f"{request.url.path}: {exc}")
-        return _unavailable(request, "the database is unavailable")
-
-    @app.exception_handler(PoolClosed)
-    async def pool_closed(request: Request, exc: PoolClosed) -> JSONResponse:
-        return _unavailable(request, "the service is shutting down")
+    # Our own kinds, and the library exceptions each kind stands for.
+    handled: list[type[Exception]] = [Unavailable]
+    handled += [cause for kind in UNAVAILABLE for cause in kind.causes]
+    for exception in handled:
+        app.add_exception_handler(exception, unavailable)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ from fastapi import Header
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from service.errors import InvalidReference
+from service.errors import KeyReused
 from service.pool import Connection
 
 M = TypeVar("M", bound=BaseModel)
@@ -64,7 +64,7 @@ async def once(
     if claimed is None:
         row = await (await conn.execute(STORED, (key,))).fetchone()
         if row is None or row["scope"] != scope or row["fingerprint"] != print_:
-            raise InvalidReference("header.Idempotency-Key", "already used for a different request")
+            raise KeyReused("header.Idempotency-Key", "already used for a different request")
         return model.model_validate(row["response"]), True
     result = await work(conn)
     await conn.execute(STORE, (Jsonb(result.model_dump(mode="json")), key))

@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
+from service.errors import UNAVAILABLE
+
 BIGINT_MAX = 2**63 - 1
 _DECIMAL = re.compile(r"-?[0-9]+")
 
@@ -171,8 +173,9 @@ _DESCRIPTIONS = {
     405: "Method not allowed.",
     413: "Request body over MAX_BODY_BYTES.",
     422: "Invalid input; `errors` names each field.",
-    503: "No database connection in time, too many waiting, a deadline or statement"
-    " timeout, or the database unreachable. Retry after `Retry-After` seconds.",
+    503: "The database cannot serve the request now; `detail` says why: "
+    + "; ".join(dict.fromkeys(kind.detail for kind in UNAVAILABLE))
+    + ". Retry after `Retry-After` seconds.",
 }
 
 

@@ -17,10 +17,11 @@ from psycopg import pq
 from psycopg.rows import DictRow
 
 from service import sql
+from service.app import coalesced
 from service.db import Database
 from service.pool import PoolKeeper
 from service.prepared import prepare_threshold
-from service.routes.visits import visits_recorded
+from service.routes.visits import record_by_item
 from service.settings import DeploymentSettings, Settings
 from tests.conftest import Databases
 
@@ -71,7 +72,7 @@ async def read_item(db: Database) -> DictRow | None:
 
 async def record_visit(db: Database) -> DictRow | None:
     """A lone POST /visits without a key, the way the route runs it."""
-    return await visits_recorded(db).load(1)
+    return await coalesced(db, "visits", db.write, record_by_item(db)).load(1)
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ class Harness:
         self.observer = Counting()
         self.calls: list[tuple[str, list[int]]] = []
         self.fail_with: Exception | None = None
-        self.coalescer: Coalescer[int, int] = Coalescer(
+        self.coalescer: Coalescer[Any, int, int] = Coalescer(
             self.runs,
             self.one,
             self.many,

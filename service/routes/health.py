@@ -5,16 +5,13 @@ import logging
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.deps import app_settings, database
-from service.errors import DatabaseDown, problem
+from service.errors import DatabaseUnreachable, Unavailable, problem
 from service.schemas import Health, problem_responses
 
 router = APIRouter(tags=["health"])
 logger = logging.getLogger("service.health")
-
-NOT_READY = (TimeoutError, PoolTimeout, TooManyRequests, PoolClosed, DatabaseDown, psycopg.Error)
 
 
 @router.get("/healthz")
@@ -29,8 +26,14 @@ async def readyz(request: Request) -> JSONResponse:
     db, settings = database(request), app_settings(request)
     try:
         await db.ping(settings.readiness_timeout)
-    except NOT_READY as exc:
-        logger.info("not ready: %s", type(exc).__name__)
+    except Exception as exc:
+        # Any kind of unavailability, and any other driver error on `SELECT 1`.
+        kind = Unavailable.kind_of(exc) or (
+            DatabaseUnreachable if isinstance(exc, psycopg.Error) else None
+        )
+        if kind is None:
+            raise
+        logger.info("not ready: %s", kind.log)
         return problem(
             503,
             "Service Unavailable",

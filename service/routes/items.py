@@ -7,7 +7,7 @@ from psycopg.rows import DictRow
 from pydantic import TypeAdapter
 
 from service import sql
-from service.coalesce import Coalescer
+from service.coalesce import Many, One
 from service.db import Database
 from service.deps import app_settings, database, item_reads
 from service.errors import NotFound
@@ -40,19 +40,21 @@ PAGE_JSON = TypeAdapter(ItemPageRows)
 ItemIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The item's id."), DecimalDigits]
 
 
-def items_by_id(db: Database) -> Coalescer[int, DictRow | None]:
-    """GET /items/{id}: one row by id, or for requests queued together, one
-    `id = ANY(...)` for all of them."""
+def read_by_id(
+    db: Database,
+) -> tuple[One[Connection, int, DictRow | None], Many[Connection, int, DictRow | None]]:
+    """GET /items/{id}'s statements: one row by id, or for requests queued together,
+    one `id = ANY(...)` for all of them (the app's wiring coalesces them)."""
 
     async def one(conn: Connection, item_id: int) -> DictRow | None:
-        return await db.first_row(conn, sql.GET_ITEM, (item_id,))
+        return await db.first_row_on(conn, sql.GET_ITEM, (item_id,))
 
     async def many(conn: Connection, item_ids: list[int]) -> list[DictRow | None]:
-        rows = await db.all_rows(conn, sql.GET_ITEMS, (sorted(set(item_ids)),))
+        rows = await db.all_rows_on(conn, sql.GET_ITEMS, (sorted(set(item_ids)),))
         found = {row["id"]: row for row in rows}
         return [found.get(item_id) for item_id in item_ids]
 
-    return db.coalescer("items by id", db.read, one, many)
+    return one, many
 
 
 @router.post("", status_code=201, responses=idempotent_write_responses(201, REPLAYED_HEADER))

@@ -7,10 +7,10 @@ from psycopg.rows import DictRow
 from pydantic import TypeAdapter
 
 from service import sql
-from service.coalesce import Coalescer
+from service.coalesce import Many, One
 from service.db import Database
 from service.deps import database, visit_writes
-from service.errors import InvalidReference
+from service.errors import MissingReference
 from service.idempotency import REPLAYED_HEADER, IdempotencyKey, once
 from service.pool import Connection
 from service.responses import JSONBytes
@@ -28,8 +28,10 @@ from service.schemas import (
 VISIT_JSON = TypeAdapter(VisitRow)
 
 
-def visits_recorded(db: Database) -> Coalescer[int, DictRow | None]:
-    """POST /visits without a key: one visit in its own transaction, or for requests
+def record_by_item(
+    db: Database,
+) -> tuple[One[Connection, int, DictRow | None], Many[Connection, int, DictRow | None]]:
+    """POST /visits' statements without a key: one visit in its own transaction, or for requests
     queued together, one transaction for all of them (sql.RECORD_VISITS). Each request
     gets its own visit, or None when its item does not exist; a batch that fails
     commits nothing and fails every request in it."""
@@ -45,7 +47,7 @@ def visits_recorded(db: Database) -> Coalescer[int, DictRow | None]:
             by_item.setdefault(row["item_id"], []).append(row)
         return [by_item[i].pop() if by_item.get(i) else None for i in item_ids]
 
-    return db.coalescer("visits", db.write, one, many)
+    return one, many
 
 
 router = APIRouter(
@@ -68,14 +70,14 @@ async def create_visit(body: VisitCreate, request: Request, key: IdempotencyKey 
         # A missing item makes the UPDATE match no row, so nothing is inserted for it.
         row = await visit_writes(request).load(body.item_id)
         if row is None:
-            raise InvalidReference("body.item_id", "no item with this id")
+            raise MissingReference("body.item_id", "no item with this id")
         return JSONBytes(VISIT_JSON.dump_json(row), status_code=201)  # type: ignore[arg-type]
 
     async def record(conn: Connection) -> Visit:
         cur = await conn.execute(sql.RECORD_VISIT, (body.item_id,))
         row = await cur.fetchone()
         if row is None:  # raised inside the transaction: it rolls back, key included
-            raise InvalidReference("body.item_id", "no item with this id")
+            raise MissingReference("body.item_id", "no item with this id")
         return Visit.model_validate(row)
 
     async def write(conn: Connection) -> tuple[Visit, bool]:
