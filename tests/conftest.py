@@ -78,6 +78,16 @@ class Databases:
             **options,
         )
 
+    @contextmanager
+    def running_bouncer(self, name: str, **options: Any) -> Iterator[PgBouncer]:
+        """`extra_bouncer`, started for the block and stopped after it, pass or fail."""
+        bouncer = self.extra_bouncer(name, **options)
+        bouncer.start()
+        try:
+            yield bouncer
+        finally:
+            bouncer.stop()
+
 
 @pytest.fixture(scope="session")
 def scratch() -> Iterator[Path]:

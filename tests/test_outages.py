@@ -24,12 +24,8 @@ MARGIN = 5.0  # room for a loaded machine above a bound, still below DB_DEADLINE
 @pytest.fixture(scope="module")
 def own_bouncer(databases: Databases) -> Iterator[PgBouncer]:
     """A PgBouncer of this module's own, so stopping it disturbs no other test."""
-    bouncer = databases.extra_bouncer("pgbouncer-outage", server_login_retry=1)
-    bouncer.start()
-    try:
+    with databases.running_bouncer("pgbouncer-outage", server_login_retry=1) as bouncer:
         yield bouncer
-    finally:
-        bouncer.stop()
 
 
 @pytest.fixture(scope="module")

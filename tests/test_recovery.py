@@ -36,12 +36,8 @@ RECOVERED_WITHIN = 15.0  # seconds: generous for a loaded 2-core machine (target
 @pytest.fixture(scope="module")
 def own_bouncer(databases: Databases) -> Iterator[PgBouncer]:
     """A PgBouncer of this module's own, so stopping it disturbs no other test."""
-    bouncer = databases.extra_bouncer("pgbouncer-recovery", server_login_retry=1)
-    bouncer.start()
-    try:
+    with databases.running_bouncer("pgbouncer-recovery", server_login_retry=1) as bouncer:
         yield bouncer
-    finally:
-        bouncer.stop()
 
 
 @pytest.fixture(scope="module")
