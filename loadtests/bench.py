@@ -58,14 +58,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
+from loadtests.common.prom import Scrape
 from service import sql
 
 REPORTS = REPO / "reports" / "bench"
@@ -621,18 +619,12 @@ def main(argv: list[str] | None = None) -> int:
 def statement_totals(metrics_url: str, statement: str) -> tuple[float, float]:
     """(statements run, requests they served) of one coalesced statement so far, from a
     replica's pgscale_db_requests_per_statement (`_count` and `_sum`, all workers)."""
-    count = total = 0.0
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=5).text):
-        if family.name != "pgscale_db_requests_per_statement":
-            continue
-        for sample in family.samples:
-            if sample.labels.get("statement") != statement:
-                continue
-            if sample.name.endswith("_count"):
-                count += sample.value
-            elif sample.name.endswith("_sum"):
-                total += sample.value
-    return count, total
+    metrics = Scrape.get(metrics_url)
+    family = "pgscale_db_requests_per_statement"
+    return (
+        metrics.total(family, "_count", statement=statement),
+        metrics.total(family, "_sum", statement=statement),
+    )
 
 
 class StatementCounter:

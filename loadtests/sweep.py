@@ -35,11 +35,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
 from infra.localstack.config import REPO, StackSettings, private_settings
 from infra.localstack.stack import Stack
+from loadtests.common.prom import Scrape
 from service.budget import Budget, check, deployment_topology
 from service.settings import Settings
 
@@ -130,16 +130,9 @@ class MetricsPoll:
                 waiting = errors = 0
                 for url in self.urls:
                     with contextlib.suppress(httpx.HTTPError):
-                        for family in text_string_to_metric_families(http.get(url).text):
-                            total = sum(
-                                s.value
-                                for s in family.samples
-                                if s.name.endswith("_total") or family.type == "gauge"
-                            )
-                            if family.name == "pgscale_pool_requests_waiting":
-                                waiting += int(total)
-                            elif family.name == "pgscale_pool_connection_errors":
-                                errors += int(total)
+                        metrics = Scrape.get(url, http)
+                        waiting += int(metrics.total("pgscale_pool_requests_waiting"))
+                        errors += int(metrics.total("pgscale_pool_connection_errors", "_total"))
                 self.peak = max(self.peak, waiting)
                 self.connection_errors = max(self.connection_errors, errors)
 
