@@ -63,6 +63,7 @@ from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
+from loadtests.common.poll import Poll
 from loadtests.common.prom import Scrape
 from service import sql
 
@@ -545,14 +546,15 @@ def main(argv: list[str] | None = None) -> int:
                 config = by_key[key]
                 assert config.replica is not None
                 master = procs.read_pid(config.replica.pid_file)
-                sampler = RssSampler(config.replica)
+                sampler = Poll(functools.partial(worker_rss, config.replica), 0.5)
                 statement = STATEMENT_OF.get(endpoint) if config.key != "nometrics" else None
                 shared = StatementCounter(config.replica, statement)
                 with shared, meter.measuring(master) as cpu, sampler:
                     data = run_wrk(
                         config.replica.url, scripts[endpoint], connections, args.duration
                     )
-                config.rss_load_mib = max(config.rss_load_mib, sampler.peak, key=sum)
+                peak = max(sampler.readings, key=sum, default=[])
+                config.rss_load_mib = max(config.rss_load_mib, peak, key=sum)
                 label = "framework ceiling" if endpoint == "GET /healthz" else config.label
                 if connections != args.connections:
                     label = f"{config.label}, {connections} connections"
@@ -657,30 +659,6 @@ class StatementCounter:
         count, total = (a - b for a, b in zip(self._read(), self._before, strict=True))
         if count > 0:
             self.requests_per_statement = total / count
-
-
-class RssSampler:
-    """Peak RSS of a replica's workers while a run goes on."""
-
-    def __init__(self, replica: Replica) -> None:
-        self.replica = replica
-        self.peak: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            now = worker_rss(self.replica)
-            if sum(now) > sum(self.peak):
-                self.peak = now
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def median_of(runs: list[Result]) -> Result:

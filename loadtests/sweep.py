@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -39,6 +39,7 @@ import httpx
 from infra.localstack import procs
 from infra.localstack.config import REPO, StackSettings, private_settings
 from infra.localstack.stack import Stack
+from loadtests.common.poll import Poll
 from loadtests.common.prom import Scrape
 from service.budget import Budget, check, deployment_topology
 from service.settings import Settings
@@ -110,39 +111,20 @@ def say(line: str) -> None:
 # ---- one cell -----------------------------------------------------------------------------
 
 
-class MetricsPoll:
-    """Polls the replicas' metrics ports: peak pool waiters, and connection errors.
+def pool_pressure(http: httpx.Client, urls: list[str]) -> tuple[int, int]:
+    """(requests waiting in the pools, pool connections refused so far), summed over the
+    replicas' metrics ports that answer.
 
-    A connection error is PostgreSQL (or PgBouncer) refusing a new pool connection,
+    A refused connection is PostgreSQL (or PgBouncer) turning down a new pool connection,
     "sorry, too many clients already" when the replicas go straight to PostgreSQL.
     """
-
-    def __init__(self, urls: list[str]) -> None:
-        self.urls = urls
-        self.peak = 0
-        self.connection_errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=2) as http:
-            while not self._stop.wait(1.0):
-                waiting = errors = 0
-                for url in self.urls:
-                    with contextlib.suppress(httpx.HTTPError):
-                        metrics = Scrape.get(url, http)
-                        waiting += int(metrics.total("pgscale_pool_requests_waiting"))
-                        errors += int(metrics.total("pgscale_pool_connection_errors", "_total"))
-                self.peak = max(self.peak, waiting)
-                self.connection_errors = max(self.connection_errors, errors)
-
-    def __enter__(self) -> MetricsPoll:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    waiting = errors = 0
+    for url in urls:
+        with contextlib.suppress(httpx.HTTPError):
+            metrics = Scrape.get(url, http)
+            waiting += int(metrics.total("pgscale_pool_requests_waiting"))
+            errors += int(metrics.total("pgscale_pool_connection_errors", "_total"))
+    return waiting, errors
 
 
 def replica_sum(cell: str | None) -> int:
@@ -282,8 +264,13 @@ def run_cell(
     users = min(400, plan.users_per_connection * budget.clients_at_peak)
     prefix = out / f"{mode}-w{workers}-r{replicas}"
     metrics_urls = [stack.replica(i).metrics_url for i in range(1, replicas + 1)]
-    with MetricsPoll(metrics_urls) as waiters:
+    with (
+        httpx.Client(timeout=2) as http,
+        Poll(functools.partial(pool_pressure, http, metrics_urls), 1.0) as pressure,
+    ):
         output = run_locust(stack, users, plan.duration, prefix)
+    waiters = max((waiting for waiting, _ in pressure.readings), default=0)
+    refused = max((errors for _, errors in pressure.readings), default=0)
     (prefix.parent / f"{prefix.name}.locust.log").write_text(output)
     measured = peaks(Path(f"{prefix}_connections.csv"), mode)
     totals = locust_totals(Path(f"{prefix}_stats.csv"))
@@ -306,8 +293,8 @@ def run_cell(
         p99_ms=totals["p99"],
         failures=int(totals["failures"]),
         shed_503=measured["shed"],
-        pool_waiters=waiters.peak,
-        connection_errors=waiters.connection_errors,
+        pool_waiters=waiters,
+        connection_errors=refused,
         verdict="",
         as_predicted=False,
     )

@@ -6,8 +6,9 @@
 - sampler.py, sampling.py, webui.py: the connection sampler, its CSV and web UI tab;
 - shapes.py: load shapes as tables of stages sized against the pools' capacity;
 - hooks.py: typed registration on Locust's event hooks;
-- prom.py: the one reader of the replicas' Prometheus text (bench, sweep and tests).
+- prom.py: the one reader of the replicas' Prometheus text (bench, sweep and tests);
+- poll.py: the one background poller (readings on an interval while a block runs).
 
-sampling.py and prom.py are free of Locust (and of gevent's monkey-patching),
+sampling.py, prom.py and poll.py are free of Locust (and of gevent's monkey-patching),
 so the benchmark, the sweep and the tests can import them.
 """
