@@ -61,7 +61,7 @@ from typing import Any
 from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
-from infra.localstack.postgres import Postgres
+from infra.localstack.postgres import PG_BIN, Postgres
 from infra.localstack.replicas import Replica
 from loadtests.common.poll import Poll
 from loadtests.common.prom import Scrape
@@ -329,7 +329,7 @@ def run_pgbench(
     clients = WORKERS * POOL
     result = subprocess.run(
         [
-            "/usr/lib/postgresql/15/bin/pgbench",
+            str(PG_BIN / "pgbench"),
             "-n",
             "-M",
             "simple",  # no server-side prepared statements: transaction pooling
