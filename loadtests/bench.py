@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,80 @@ APP = "app"
 WORKERS = 2
 POOL = 4
 
+
+class Endpoint(Enum):
+    """What a run asks for; the value is what the report calls it."""
+
+    GET_ITEM = "GET /items/{id}"
+    LIST_ITEMS = "GET /items?limit=20"
+    POST_VISIT = "POST /visits"
+    HEALTHZ = "GET /healthz"
+    PGBENCH_SELECT = "pgbench SELECT by id"
+    PGBENCH_VISIT = "pgbench visit write"
+    PSYCOPG_SELECT = "psycopg SELECT by id"
+
+
+class Config(Enum):
+    """What a run measures: a replica configuration, or one of the ceilings beside them."""
+
+    POOLED = "pooled"
+    NOMETRICS = "nometrics"
+    SINGLE = "single"
+    NAIVE = "naive"
+    DIRECT = "direct"
+    FRAMEWORK = "framework"  # GET /healthz on the pooled replica: no database
+    DATABASE = "database"  # pgbench through the same PgBouncer
+    DRIVER = "driver"  # psycopg alone (loadtests/driver_ceiling.py)
+
+    @property
+    def label(self) -> str:
+        """What the report calls it."""
+        return LABELS[self]
+
+    @property
+    def replica(self) -> Config:
+        """The configuration whose replica serves this one's wrk runs."""
+        return Config.POOLED if self is Config.FRAMEWORK else self
+
+
+LABELS = {
+    Config.POOLED: "pooled (as deployed)",
+    Config.NOMETRICS: "pooled, metrics off",
+    Config.SINGLE: "pooled, coalescing off",
+    Config.NAIVE: "per-request connection",
+    Config.DIRECT: "direct to PostgreSQL",
+    Config.FRAMEWORK: "framework ceiling",
+    Config.DATABASE: "database ceiling",
+    Config.DRIVER: "driver ceiling",
+}
+
+# The replica configurations, one replica each: settings on top of the common ones.
+REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
+    Config.POOLED: {},
+    Config.NOMETRICS: {"METRICS_ENABLED": "false"},
+    Config.SINGLE: {"COALESCE_MAX": "1"},
+    Config.NAIVE: {"CONNECTION_STRATEGY": "per-request"},
+    Config.DIRECT: {"VIA_PGBOUNCER": "false"},
+}
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Which run a result belongs to: configuration, endpoint, and the wrk connections
+    when not --connections (GET /items/{id} as deployed at --also-connections)."""
+
+    config: Config
+    endpoint: Endpoint
+    connections: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The report's configuration column."""
+        if self.connections is None:
+            return self.config.label
+        return f"{self.config.label}, {self.connections} connections"
+
+
 # wrk prints one JSON line at the end of every run (summary and latency in microseconds).
 DONE = """
 done = function(summary, latency, requests)
@@ -88,19 +163,19 @@ end
 """
 
 SCRIPTS = {
-    "GET /items/{id}": f"""
+    Endpoint.GET_ITEM: f"""
 math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
 request = function()
   return wrk.format("GET", "/items/" .. math.random(1, {SEED_ITEMS}))
 end
 """,
-    "GET /items?limit=20": f"""
+    Endpoint.LIST_ITEMS: f"""
 math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
 request = function()
   return wrk.format("GET", "/items?limit=20&after=" .. math.random(0, {SEED_ITEMS - 20}))
 end
 """,
-    "POST /visits": f"""
+    Endpoint.POST_VISIT: f"""
 math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
 local headers = {{["Content-Type"] = "application/json"}}
 request = function()
@@ -108,7 +183,7 @@ request = function()
   return wrk.format("POST", "/visits", headers, body)
 end
 """,
-    "GET /healthz": """
+    Endpoint.HEALTHZ: """
 request = function()
   return wrk.format("GET", "/healthz")
 end
@@ -119,25 +194,24 @@ end
 # The service's own statements, with pgbench's :id for the parameter.
 PICK_ID = f"\\set id random(1, {SEED_ITEMS})\n"
 PGBENCH_SCRIPTS = {
-    "pgbench SELECT by id": PICK_ID + " ".join(sql.GET_ITEM.split()).replace("%s", ":id") + ";\n",
-    "pgbench visit write": PICK_ID
+    Endpoint.PGBENCH_SELECT: PICK_ID + " ".join(sql.GET_ITEM.split()).replace("%s", ":id") + ";\n",
+    Endpoint.PGBENCH_VISIT: PICK_ID
     + "BEGIN;\nSET LOCAL statement_timeout = '5000ms';\n"
     + " ".join(sql.RECORD_VISIT.split()).replace("%s", ":id")
     + ";\nCOMMIT;\n",
 }
 CEILING_OF = {
-    "GET /items/{id}": "pgbench SELECT by id",
-    "GET /items?limit=20": "pgbench SELECT by id",
-    "POST /visits": "pgbench visit write",
+    Endpoint.GET_ITEM: Endpoint.PGBENCH_SELECT,
+    Endpoint.LIST_ITEMS: Endpoint.PGBENCH_SELECT,
+    Endpoint.POST_VISIT: Endpoint.PGBENCH_VISIT,
 }
 
 
 @dataclass
-class Config:
-    """One replica configuration under test."""
+class UnderTest:
+    """One replica configuration's replica, and what it cost to start and to run."""
 
-    key: str
-    label: str
+    config: Config
     env: dict[str, str]
     replica: Replica | None = None
     start_to_ready_s: float = 0.0
@@ -147,8 +221,7 @@ class Config:
 
 @dataclass
 class Result:
-    config: str
-    endpoint: str
+    key: RunKey
     rps: float
     p50_ms: float
     p99_ms: float
@@ -160,35 +233,25 @@ class Result:
 
 
 # The coalesced statement (service/coalesce.py) behind each endpoint, by metrics label.
-STATEMENT_OF = {"GET /items/{id}": "items by id", "POST /visits": "visits"}
-
-
-# The replica configurations, by key: label, and settings on top of the common ones.
-CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
-    "pooled": ("pooled (as deployed)", {}),
-    "nometrics": ("pooled, metrics off", {"METRICS_ENABLED": "false"}),
-    "single": ("pooled, coalescing off", {"COALESCE_MAX": "1"}),
-    "naive": ("per-request connection", {"CONNECTION_STRATEGY": "per-request"}),
-    "direct": ("direct to PostgreSQL", {"VIA_PGBOUNCER": "false"}),
-}
+STATEMENT_OF = {Endpoint.GET_ITEM: "items by id", Endpoint.POST_VISIT: "visits"}
 
 # Each round runs these in this order: the pairs a target compares are back to back.
 PLAN = [
-    ("GET /items/{id}", "pooled"),
-    ("GET /healthz", "pooled"),
-    ("GET /items/{id}", "nometrics"),
-    ("GET /items/{id}", "single"),
-    ("POST /visits", "pooled"),
-    ("POST /visits", "single"),
-    ("GET /items/{id}", "naive"),
-    ("GET /items/{id}", "direct"),
-    ("GET /items?limit=20", "pooled"),
-    ("GET /items?limit=20", "nometrics"),
-    ("GET /items?limit=20", "naive"),
-    ("GET /items?limit=20", "direct"),
-    ("POST /visits", "nometrics"),
-    ("POST /visits", "naive"),
-    ("POST /visits", "direct"),
+    RunKey(Config.POOLED, Endpoint.GET_ITEM),
+    RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
+    RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    RunKey(Config.SINGLE, Endpoint.GET_ITEM),
+    RunKey(Config.POOLED, Endpoint.POST_VISIT),
+    RunKey(Config.SINGLE, Endpoint.POST_VISIT),
+    RunKey(Config.NAIVE, Endpoint.GET_ITEM),
+    RunKey(Config.DIRECT, Endpoint.GET_ITEM),
+    RunKey(Config.POOLED, Endpoint.LIST_ITEMS),
+    RunKey(Config.NOMETRICS, Endpoint.LIST_ITEMS),
+    RunKey(Config.NAIVE, Endpoint.LIST_ITEMS),
+    RunKey(Config.DIRECT, Endpoint.LIST_ITEMS),
+    RunKey(Config.NOMETRICS, Endpoint.POST_VISIT),
+    RunKey(Config.NAIVE, Endpoint.POST_VISIT),
+    RunKey(Config.DIRECT, Endpoint.POST_VISIT),
 ]
 
 
@@ -309,8 +372,7 @@ def run_driver(url: str, duration: int) -> Result:
     )
     data = json.loads(result.stdout.strip().splitlines()[-1])
     return Result(
-        config="driver ceiling",
-        endpoint="psycopg SELECT by id",
+        key=RunKey(Config.DRIVER, Endpoint.PSYCOPG_SELECT),
         rps=data["queries"] / data["seconds"],
         p50_ms=data["p50_ms"],
         p99_ms=data["p99_ms"],
@@ -320,7 +382,12 @@ def run_driver(url: str, duration: int) -> Result:
 
 
 def run_pgbench(
-    bouncer: PgBouncer, password: str, name: str, script: Path, duration: int, log_dir: Path
+    bouncer: PgBouncer,
+    password: str,
+    endpoint: Endpoint,
+    script: Path,
+    duration: int,
+    log_dir: Path,
 ) -> Result:
     """An endpoint's SQL run by pgbench through the same PgBouncer: what the database
     path can carry, with as many connections as the pooled replica holds."""
@@ -369,8 +436,7 @@ def run_pgbench(
     )
     latencies.sort()
     return Result(
-        config="database ceiling",
-        endpoint=name,
+        key=RunKey(Config.DATABASE, endpoint),
         rps=tps,
         p50_ms=latencies[len(latencies) // 2] / 1000,
         p99_ms=latencies[int(len(latencies) * 0.99)] / 1000,
@@ -379,13 +445,13 @@ def run_pgbench(
     )
 
 
-def start(config: Config, root: Path, port: int, metrics_port: int, index: int) -> None:
+def start(config: UnderTest, root: Path, port: int, metrics_port: int, index: int) -> None:
     replica = Replica(root / "replicas", index, port, metrics_port, config.env)
     started = time.monotonic()
     replica.start()
     procs.wait_until(lambda: replica.ready() or not replica.running(), 30, interval=0.02)
     if not replica.ready():
-        raise procs.StackError(f"{config.label} did not start:\n{procs.tail(replica.log)}")
+        raise procs.StackError(f"{config.config.label} did not start:\n{procs.tail(replica.log)}")
     config.start_to_ready_s = time.monotonic() - started
     config.replica = replica
 
@@ -473,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
     scratch.chmod(0o755)
     # PostgreSQL, PgBouncer, then each configuration's replica port and metrics port.
-    base = procs.free_port_block(2 + 2 * len(CONFIGS))
+    base = procs.free_port_block(2 + 2 * len(REPLICA_SETTINGS))
     password = secrets.token_urlsafe(16)
     pg = Postgres(scratch / "postgres", base, max_connections=100)
     bouncer = PgBouncer(
@@ -485,18 +551,14 @@ def main(argv: list[str] | None = None) -> int:
         admin_password=secrets.token_urlsafe(16),
         default_pool_size=20,
     )
-    scripts: dict[str, Path] = {}
-    for name, body in SCRIPTS.items():
-        path = (
-            scratch
-            / f"{name.split()[1].strip('/').replace('/', '_').split('?')[0]}-{len(scripts)}.lua"
-        )
-        path.write_text(body + DONE)
-        scripts[name] = path
-    sql_scripts = {}
-    for index, (name, text) in enumerate(PGBENCH_SCRIPTS.items()):
-        sql_scripts[name] = scratch / f"pgbench-{index}.sql"
-        sql_scripts[name].write_text(text)
+    scripts: dict[Endpoint, Path] = {}
+    for endpoint, body in SCRIPTS.items():
+        scripts[endpoint] = scratch / f"{endpoint.name.lower()}.lua"
+        scripts[endpoint].write_text(body + DONE)
+    sql_scripts: dict[Endpoint, Path] = {}
+    for endpoint, text in PGBENCH_SCRIPTS.items():
+        sql_scripts[endpoint] = scratch / f"{endpoint.name.lower()}.sql"
+        sql_scripts[endpoint].write_text(text)
 
     common = {
         "WORKERS": str(WORKERS),
@@ -505,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         "REPLICAS": "1",
         "LOG_LEVEL": "warning",
     }
-    configs = [Config(key, label, dict(env)) for key, (label, env) in CONFIGS.items()]
+    configs = [UnderTest(config, dict(env)) for config, env in REPLICA_SETTINGS.items()]
     results: list[Result] = []
-    paired: dict[str, float] = {}
+    paired: dict[Pair, float] = {}
     profile_text = ""
     try:
         pg.init()
@@ -524,43 +586,44 @@ def main(argv: list[str] | None = None) -> int:
         )
         bouncer.start()
         for i, config in enumerate(configs, start=1):
-            url = direct_url if config.key == "direct" else bouncer.app_conninfo(APP)
+            url = direct_url if config.config is Config.DIRECT else bouncer.app_conninfo(APP)
             config.env = {**common, "DATABASE_URL": url, **config.env}
             start(config, scratch, base + 1 + i, base + 1 + len(configs) + i, i)
             time.sleep(1)
             assert config.replica is not None
             config.rss_rest_mib = worker_rss(config.replica)
             say(
-                f"{config.label:<26} ready in {config.start_to_ready_s:.2f}s,"
+                f"{config.config.label:<26} ready in {config.start_to_ready_s:.2f}s,"
                 f" workers at rest {', '.join(f'{r:.0f}' for r in config.rss_rest_mib)} MiB"
             )
 
         meter = CPUMeter(bouncer.pid_file, pg.pid_file)
-        by_key = {c.key: c for c in configs}
-        raw: dict[tuple[str, str], list[Result]] = collections.defaultdict(list)
+        by_config = {c.config: c for c in configs}
+        raw: dict[RunKey, list[Result]] = collections.defaultdict(list)
         for round_ in range(1, args.rounds + 1):
             # At lower concurrency too: the same rate with less queueing shows how much
             # of the latency at --connections is waiting, not work.
-            extra = [("GET /items/{id}", "pooled", c) for c in also]
-            for endpoint, key, connections in [(e, k, args.connections) for e, k in PLAN] + extra:
-                config = by_key[key]
+            main_runs = [(key, args.connections) for key in PLAN]
+            extra = [
+                (RunKey(Config.POOLED, Endpoint.GET_ITEM, c if c != args.connections else None), c)
+                for c in also
+            ]
+            for key, connections in main_runs + extra:
+                config = by_config[key.config.replica]
                 assert config.replica is not None
                 master = procs.read_pid(config.replica.pid_file)
                 sampler = Poll(functools.partial(worker_rss, config.replica), 0.5)
-                statement = STATEMENT_OF.get(endpoint) if config.key != "nometrics" else None
+                metrics_on = key.config is not Config.NOMETRICS
+                statement = STATEMENT_OF.get(key.endpoint) if metrics_on else None
                 shared = StatementCounter(config.replica, statement)
                 with shared, meter.measuring(master) as cpu, sampler:
                     data = run_wrk(
-                        config.replica.url, scripts[endpoint], connections, args.duration
+                        config.replica.url, scripts[key.endpoint], connections, args.duration
                     )
                 peak = max(sampler.readings, key=sum, default=[])
                 config.rss_load_mib = max(config.rss_load_mib, peak, key=sum)
-                label = "framework ceiling" if endpoint == "GET /healthz" else config.label
-                if connections != args.connections:
-                    label = f"{config.label}, {connections} connections"
                 result = Result(
-                    config=label,
-                    endpoint=endpoint,
+                    key=key,
                     rps=data["requests"] / (data["duration_us"] / 1e6),
                     p50_ms=data["p50_us"] / 1000,
                     p99_ms=data["p99_us"] / 1000,
@@ -570,18 +633,18 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_ms=per_request(cpu, data["requests"]),
                     requests_per_statement=shared.requests_per_statement,
                 )
-                raw[(label, endpoint)].append(result)
+                raw[key].append(result)
                 say(
-                    f"round {round_}: {endpoint:<20} {label:<26}"
+                    f"round {round_}: {key.endpoint.value:<20} {key.label:<26}"
                     f" {result.rps:8.0f} req/s  p50 {result.p50_ms:6.1f} ms"
                     f"  p99 {result.p99_ms:6.1f} ms  non-2xx {result.non2xx}"
                     f"  CPU {sum(result.cpu_ms.values()):.2f} ms/req"
                 )
             clients: list[Callable[[], Result]] = [
                 functools.partial(
-                    run_pgbench, bouncer, password, name, path, args.duration, scratch
+                    run_pgbench, bouncer, password, endpoint, path, args.duration, scratch
                 )
-                for name, path in sql_scripts.items()
+                for endpoint, path in sql_scripts.items()
             ]
             clients.append(functools.partial(run_driver, bouncer.app_conninfo(APP), args.duration))
             for client in clients:
@@ -589,15 +652,18 @@ def main(argv: list[str] | None = None) -> int:
                     run = client()
                 run.round = round_
                 run.cpu_ms = per_request(cpu, round(run.rps * args.duration))
-                raw[(run.config, run.endpoint)].append(run)
-                say(f"round {round_}: {run.endpoint:<20} {run.config:<26} {run.rps:8.0f} /s")
+                raw[run.key].append(run)
+                say(
+                    f"round {round_}: {run.key.endpoint.value:<20} {run.key.label:<26}"
+                    f" {run.rps:8.0f} /s"
+                )
         results = [median_of(runs) for runs in raw.values()]
         paired = paired_ratios(raw)
         if args.profile:
             pooled = configs[0].replica
             assert pooled is not None
             profile_text = profile(
-                pooled, scripts["GET /items/{id}"], args.connections, args.duration, out
+                pooled, scripts[Endpoint.GET_ITEM], args.connections, args.duration, out
             )
     finally:
         for config in configs:
@@ -664,8 +730,7 @@ class StatementCounter:
 def median_of(runs: list[Result]) -> Result:
     groups = {name for r in runs for name in r.cpu_ms}
     return Result(
-        config=runs[0].config,
-        endpoint=runs[0].endpoint,
+        key=runs[0].key,
         rps=statistics.median(r.rps for r in runs),
         p50_ms=statistics.median(r.p50_ms for r in runs),
         p99_ms=statistics.median(r.p99_ms for r in runs),
@@ -686,101 +751,120 @@ def per_request(seconds: dict[str, float], requests: int) -> dict[str, float]:
     return {name: 1000 * t / max(requests, 1) for name, t in seconds.items()}
 
 
+class Pair(Enum):
+    """A ratio a target compares; the value is its name in the report."""
+
+    ITEM_VS_FRAMEWORK = "GET /items/{id} vs framework ceiling"
+    VISIT_VS_ITEM = "POST /visits vs GET /items/{id}"
+    ITEM_METRICS = "GET /items/{id} metrics on vs off"
+    ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
+    VISIT_COALESCING = "POST /visits coalescing on vs off"
+
+
 # Ratios a target compares, each taken between two runs of the same round.
 PAIRS = {
-    "GET /items/{id} vs framework ceiling": (
-        ("pooled (as deployed)", "GET /items/{id}"),
-        ("framework ceiling", "GET /healthz"),
+    Pair.ITEM_VS_FRAMEWORK: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
     ),
-    "POST /visits vs GET /items/{id}": (
-        ("pooled (as deployed)", "POST /visits"),
-        ("pooled (as deployed)", "GET /items/{id}"),
+    Pair.VISIT_VS_ITEM: (
+        RunKey(Config.POOLED, Endpoint.POST_VISIT),
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
     ),
-    "GET /items/{id} metrics on vs off": (
-        ("pooled (as deployed)", "GET /items/{id}"),
-        ("pooled, metrics off", "GET /items/{id}"),
+    Pair.ITEM_METRICS: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
     ),
-    "GET /items/{id} coalescing on vs off": (
-        ("pooled (as deployed)", "GET /items/{id}"),
-        ("pooled, coalescing off", "GET /items/{id}"),
+    Pair.ITEM_COALESCING: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.SINGLE, Endpoint.GET_ITEM),
     ),
-    "POST /visits coalescing on vs off": (
-        ("pooled (as deployed)", "POST /visits"),
-        ("pooled, coalescing off", "POST /visits"),
+    Pair.VISIT_COALESCING: (
+        RunKey(Config.POOLED, Endpoint.POST_VISIT),
+        RunKey(Config.SINGLE, Endpoint.POST_VISIT),
     ),
 }
 
 
-def paired_ratios(raw: dict[tuple[str, str], list[Result]]) -> dict[str, float]:
+def paired_ratios(raw: dict[RunKey, list[Result]]) -> dict[Pair, float]:
     """The median over rounds of each PAIRS ratio (rounds missing either run are skipped)."""
     medians = {}
-    for name, (top, bottom) in PAIRS.items():
+    for pair, (top, bottom) in PAIRS.items():
         tops = {r.round: r.rps for r in raw.get(top, [])}
         bottoms = {r.round: r.rps for r in raw.get(bottom, [])}
         ratios = [tops[n] / bottoms[n] for n in tops if bottoms.get(n)]
         if ratios:
-            medians[name] = statistics.median(ratios)
+            medians[pair] = statistics.median(ratios)
     return medians
 
 
-def build_report(
-    args: argparse.Namespace,
-    configs: list[Config],
-    results: list[Result],
-    paired: dict[str, float],
-    profile_text: str,
-) -> dict[str, Any]:
-    by = {(r.config, r.endpoint): r for r in results}
-    framework = by.get(("framework ceiling", "GET /healthz"))
-    rows = []
-    for r in results:
-        naive = by.get(("per-request connection", r.endpoint))
-        database = by.get(("database ceiling", CEILING_OF.get(r.endpoint, r.endpoint)))
-        rows.append(
-            {
-                **{
-                    k: v
-                    for k, v in r.__dict__.items()
-                    if k not in ("round", "cpu_ms", "requests_per_statement")
-                },
-                "requests_per_statement": (
-                    None if r.requests_per_statement is None else round(r.requests_per_statement, 2)
-                ),
-                "cpu_ms_per_request": {k: round(v, 3) for k, v in r.cpu_ms.items()},
-                "vs_framework_ceiling": round(r.rps / framework.rps, 3) if framework else None,
-                "vs_database_ceiling": round(r.rps / database.rps, 3) if database else None,
-                "vs_naive": round(r.rps / naive.rps, 2) if naive and naive.rps else None,
-            }
-        )
-    pooled_get = by[("pooled (as deployed)", "GET /items/{id}")]
+def result_row(r: Result, by: dict[RunKey, Result]) -> dict[str, Any]:
+    """One result as the report's JSON row, with its ratios to the baselines."""
+    framework = by.get(RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ))
+    naive = by.get(RunKey(Config.NAIVE, r.key.endpoint))
+    database = by.get(RunKey(Config.DATABASE, CEILING_OF.get(r.key.endpoint, r.key.endpoint)))
+    return {
+        "config": r.key.label,
+        "endpoint": r.key.endpoint.value,
+        "rps": r.rps,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "non2xx": r.non2xx,
+        "socket_errors": r.socket_errors,
+        "requests_per_statement": (
+            None if r.requests_per_statement is None else round(r.requests_per_statement, 2)
+        ),
+        "cpu_ms_per_request": {k: round(v, 3) for k, v in r.cpu_ms.items()},
+        "vs_framework_ceiling": round(r.rps / framework.rps, 3) if framework else None,
+        "vs_database_ceiling": round(r.rps / database.rps, 3) if database else None,
+        "vs_naive": round(r.rps / naive.rps, 2) if naive and naive.rps else None,
+    }
+
+
+def build_targets(
+    by: dict[RunKey, Result], paired: dict[Pair, float], pooled: UnderTest
+) -> list[dict[str, Any]]:
+    """Each target: what was measured, the goal, whether it was met."""
     targets = []
 
     def target(name: str, value: float, goal: str, ok: bool) -> None:
         targets.append({"target": name, "measured": round(value, 3), "goal": goal, "met": ok})
 
-    naive_get = by[("per-request connection", "GET /items/{id}")]
+    pooled_get = by[RunKey(Config.POOLED, Endpoint.GET_ITEM)]
+    naive_get = by[RunKey(Config.NAIVE, Endpoint.GET_ITEM)]
     target(
         "GET /items/{id} vs naive",
         pooled_get.rps / naive_get.rps,
         ">= 1.6x",
         pooled_get.rps >= 1.6 * naive_get.rps,
     )
-    ratio = paired.get("GET /items/{id} vs framework ceiling")
+    ratio = paired.get(Pair.ITEM_VS_FRAMEWORK)
     if ratio is not None:
         target("GET /items/{id} vs framework ceiling (per round)", ratio, ">= 0.3x", ratio >= 0.3)
     target("GET /items/{id} non-2xx", pooled_get.non2xx, "0", pooled_get.non2xx == 0)
     target("GET /items/{id} p99 ms", pooled_get.p99_ms, "<= 40", pooled_get.p99_ms <= 40)
-    ratio = paired.get("POST /visits vs GET /items/{id}")
+    ratio = paired.get(Pair.VISIT_VS_ITEM)
     if ratio is not None:
         target("POST /visits vs GET /items/{id} (per round)", ratio, ">= 0.5x", ratio >= 0.5)
-    ratio = paired.get("GET /items/{id} metrics on vs off")
+    ratio = paired.get(Pair.ITEM_METRICS)
     if ratio is not None:
         cost = 1 - ratio
         target("metrics cost, GET /items/{id} req/s (per round)", cost, "<= 10%", cost <= 0.10)
-    pooled = configs[0]
     rss = max([*pooled.rss_rest_mib, *pooled.rss_load_mib], default=0.0)
     target("worker RSS MiB (max, rest and load)", rss, "<= 100", rss <= 100)
     target("start to ready s", pooled.start_to_ready_s, "<= 2", pooled.start_to_ready_s <= 2)
+    return targets
+
+
+def build_report(
+    args: argparse.Namespace,
+    configs: list[UnderTest],
+    results: list[Result],
+    paired: dict[Pair, float],
+    profile_text: str,
+) -> dict[str, Any]:
+    by = {r.key: r for r in results}
+    pooled = next(c for c in configs if c.config is Config.POOLED)
     return {
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "setup": {
@@ -792,24 +876,24 @@ def build_report(
             "duration_s": args.duration,
             "pgbench_clients": WORKERS * POOL,
         },
-        "results": rows,
-        "paired_ratios": {k: round(v, 3) for k, v in paired.items()},
+        "results": [result_row(r, by) for r in results],
+        "paired_ratios": {pair.value: round(v, 3) for pair, v in paired.items()},
         "latency_floor": latency_floor(
             args.connections,
-            pooled_get,
-            framework,
-            by.get(("driver ceiling", "psycopg SELECT by id")),
+            by[RunKey(Config.POOLED, Endpoint.GET_ITEM)],
+            by.get(RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ)),
+            by.get(RunKey(Config.DRIVER, Endpoint.PSYCOPG_SELECT)),
         ),
         "processes": [
             {
-                "config": c.label,
+                "config": c.config.label,
                 "start_to_ready_s": round(c.start_to_ready_s, 2),
                 "worker_rss_rest_mib": [round(x, 1) for x in c.rss_rest_mib],
                 "worker_rss_load_mib": [round(x, 1) for x in c.rss_load_mib],
             }
             for c in configs
         ],
-        "targets": targets,
+        "targets": build_targets(by, paired, pooled),
         "profile": profile_text,
     }
 
