@@ -9,19 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench import (
-    PAIRS,
-    PLAN,
-    REPLICA_SETTINGS,
-    SCRIPTS,
-    Config,
-    Endpoint,
-    Pair,
-    Result,
-    RunKey,
-    latency_floor,
-    paired_ratios,
-)
+from loadtests.bench.plan import PAIRS, PLAN, REPLICA_SETTINGS, Config, Endpoint, Pair, RunKey
+from loadtests.bench.report import latency_floor
+from loadtests.bench.results import Result, paired_ratios
+from loadtests.bench.scripts import SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
 
