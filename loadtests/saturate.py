@@ -1,6 +1,6 @@
 """Every pooled connection busy: each user keeps one read in flight, with no pause.
 
-The sweep's load (loadtests/sweep.py). A closed loop of N users holds N requests in
+The sweep's load (loadtests/sweep/). A closed loop of N users holds N requests in
 flight all the time, so with more users than pooled connections every pool fills and
 has requests waiting, however fast the machine answers. browse.py's users pause
 between reads as people do, and on a fast machine that leaves pools half empty. The

@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
+from loadtests.common.prom import Scrape
 
 APP = "app"
 APP_PASSWORD = "app-test-password"
@@ -205,18 +205,12 @@ def stopped(bouncer: PgBouncer) -> Iterator[None]:
 
 def metric_samples(url: str, name: str) -> dict[str, float]:
     """pid -> value of one gauge on a replica's metrics port."""
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        if family.name == name:
-            return {s.labels["pid"]: s.value for s in family.samples}
-    return {}
+    return Scrape.get(url).by_pid(name)
 
 
 def counter_total(url: str, name: str) -> float:
     """A counter's value on a replica's metrics port, all workers together."""
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        if family.name == name:
-            return sum(s.value for s in family.samples if s.name == f"{name}_total")
-    return 0.0
+    return Scrape.get(url).total(name, "_total")
 
 
 def requests_waiting(replica: Replica) -> float:

@@ -9,34 +9,47 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench import CONFIGS, PAIRS, PLAN, Result, latency_floor, paired_ratios
+from loadtests.bench.plan import PAIRS, PLAN, REPLICA_SETTINGS, Config, Endpoint, Pair, RunKey
+from loadtests.bench.report import latency_floor
+from loadtests.bench.results import Result, paired_ratios
+from loadtests.bench.scripts import SCRIPTS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(config: str, endpoint: str, round_: int, rps: float) -> Result:
-    return Result(config, endpoint, rps, 1.0, 2.0, 0, 0, round=round_, cpu_ms={"workers": 1.0})
+def run(key: RunKey, round_: int, rps: float) -> Result:
+    return Result(key, rps, 1.0, 2.0, 0, 0, round=round_, cpu_ms={"workers": 1.0})
 
 
 def test_ratios_are_taken_within_each_round_then_the_median() -> None:
-    item = ("pooled (as deployed)", "GET /items/{id}")
-    ceiling = ("framework ceiling", "GET /healthz")
+    item = RunKey(Config.POOLED, Endpoint.GET_ITEM)
+    ceiling = RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ)
     # The machine slows down in round 2: both runs of that round do.
     raw = {
-        item: [run(*item, 1, 300), run(*item, 2, 100), run(*item, 3, 330)],
-        ceiling: [run(*ceiling, 1, 1000), run(*ceiling, 2, 350), run(*ceiling, 3, 1000)],
+        item: [run(item, 1, 300), run(item, 2, 100), run(item, 3, 330)],
+        ceiling: [run(ceiling, 1, 1000), run(ceiling, 2, 350), run(ceiling, 3, 1000)],
     }
     ratios = paired_ratios(raw)
-    assert ratios["GET /items/{id} vs framework ceiling"] == pytest.approx(0.3)
-    assert "POST /visits vs GET /items/{id}" not in ratios  # no POST runs: no ratio
+    assert ratios[Pair.ITEM_VS_FRAMEWORK] == pytest.approx(0.3)
+    assert Pair.VISIT_VS_ITEM not in ratios  # no POST runs: no ratio
 
 
 def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
     floor = latency_floor(
         64,
-        Result("c", "e", 1000.0, 1, 2, 0, 0, cpu_ms={"a": 1.5, "b": 0.5}),
-        Result("f", "e", 5000.0, 1, 2, 0, 0, cpu_ms={"a": 0.25}),
-        Result("d", "e", 4000.0, 1, 2, 0, 0, cpu_ms={"a": 0.25}),
+        Result(
+            RunKey(Config.POOLED, Endpoint.GET_ITEM),
+            1000.0,
+            1,
+            2,
+            0,
+            0,
+            cpu_ms={"a": 1.5, "b": 0.5},
+        ),
+        Result(RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ), 5000.0, 1, 2, 0, 0, cpu_ms={"a": 0.25}),
+        Result(
+            RunKey(Config.DRIVER, Endpoint.PSYCOPG_SELECT), 4000.0, 1, 2, 0, 0, cpu_ms={"a": 0.25}
+        ),
     )
     cores = floor["cores"]
     assert floor["cpu_ms_per_request"] == 2.0
@@ -51,13 +64,23 @@ def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
 
 
 def test_every_pair_a_target_compares_is_in_the_plan() -> None:
-    planned = {(endpoint, key) for endpoint, key in PLAN}
-    assert ("GET /healthz", "pooled") in planned
-    runs = {(CONFIGS[key][0], endpoint) for endpoint, key in planned}
-    runs.add(("framework ceiling", "GET /healthz"))  # the pooled replica's /healthz run
+    planned = set(PLAN)
+    assert set(PAIRS) == set(Pair)
     for top, bottom in PAIRS.values():
-        assert top in runs
-        assert bottom in runs
+        assert top in planned
+        assert bottom in planned
+
+
+def test_every_planned_run_has_a_replica_and_a_script() -> None:
+    for key in PLAN:
+        assert key.config.replica in REPLICA_SETTINGS, key
+        assert key.endpoint in SCRIPTS, key
+        assert key.connections is None, key  # --also-connections adds those
+    # The framework ceiling is /healthz on the pooled replica, under its own label.
+    assert Config.FRAMEWORK.replica is Config.POOLED
+    assert (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM, 4).label == "pooled (as deployed), 4 connections"
+    )
 
 
 @pytest.mark.slow
@@ -87,7 +110,7 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     assert pooled["cpu_ms_per_request"]["pgbouncer"] > 0
     direct = rows[("GET /items/{id}", "direct to PostgreSQL")]
     assert direct["cpu_ms_per_request"]["pgbouncer"] < pooled["cpu_ms_per_request"]["pgbouncer"]
-    assert set(report["paired_ratios"]) == set(PAIRS)
+    assert set(report["paired_ratios"]) == {pair.value for pair in PAIRS}
     driver = rows[("psycopg SELECT by id", "driver ceiling")]
     assert driver["cpu_ms_per_request"]["load generator"] > 0  # psycopg's own CPU
     floor = report["latency_floor"]

@@ -1,0 +1,177 @@
+"""What the benchmark runs: the configurations, the endpoints, each run's key, the rounds.
+
+Results are keyed by RunKey (a configuration, an endpoint, and the wrk connections
+when not the default), never by the labels the report prints: LABELS is the one
+place those are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+SEED_ITEMS = 1000
+APP = "app"
+WORKERS = 2
+POOL = 4
+
+
+class Endpoint(Enum):
+    """What a run asks for; the value is what the report calls it."""
+
+    GET_ITEM = "GET /items/{id}"
+    LIST_ITEMS = "GET /items?limit=20"
+    POST_VISIT = "POST /visits"
+    HEALTHZ = "GET /healthz"
+    PGBENCH_SELECT = "pgbench SELECT by id"
+    PGBENCH_VISIT = "pgbench visit write"
+    PSYCOPG_SELECT = "psycopg SELECT by id"
+
+
+class Config(Enum):
+    """What a run measures: a replica configuration, or one of the ceilings beside them."""
+
+    POOLED = "pooled"
+    NOMETRICS = "nometrics"
+    SINGLE = "single"
+    NAIVE = "naive"
+    DIRECT = "direct"
+    FRAMEWORK = "framework"  # GET /healthz on the pooled replica: no database
+    DATABASE = "database"  # pgbench through the same PgBouncer
+    DRIVER = "driver"  # psycopg alone (loadtests/driver_ceiling.py)
+
+    @property
+    def label(self) -> str:
+        """What the report calls it."""
+        return LABELS[self]
+
+    @property
+    def replica(self) -> Config:
+        """The configuration whose replica serves this one's wrk runs."""
+        return Config.POOLED if self is Config.FRAMEWORK else self
+
+
+LABELS = {
+    Config.POOLED: "pooled (as deployed)",
+    Config.NOMETRICS: "pooled, metrics off",
+    Config.SINGLE: "pooled, coalescing off",
+    Config.NAIVE: "per-request connection",
+    Config.DIRECT: "direct to PostgreSQL",
+    Config.FRAMEWORK: "framework ceiling",
+    Config.DATABASE: "database ceiling",
+    Config.DRIVER: "driver ceiling",
+}
+
+# The replica configurations, one replica each: settings on top of the common ones.
+REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
+    Config.POOLED: {},
+    Config.NOMETRICS: {"METRICS_ENABLED": "false"},
+    Config.SINGLE: {"COALESCE_MAX": "1"},
+    Config.NAIVE: {"CONNECTION_STRATEGY": "per-request"},
+    Config.DIRECT: {"VIA_PGBOUNCER": "false"},
+}
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Which run a result belongs to: configuration, endpoint, and the wrk connections
+    when not --connections (GET /items/{id} as deployed at --also-connections)."""
+
+    config: Config
+    endpoint: Endpoint
+    connections: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The report's configuration column."""
+        if self.connections is None:
+            return self.config.label
+        return f"{self.config.label}, {self.connections} connections"
+
+
+# Each round runs these in this order: the pairs a target compares are back to back.
+PLAN = [
+    RunKey(Config.POOLED, Endpoint.GET_ITEM),
+    RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
+    RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    RunKey(Config.SINGLE, Endpoint.GET_ITEM),
+    RunKey(Config.POOLED, Endpoint.POST_VISIT),
+    RunKey(Config.SINGLE, Endpoint.POST_VISIT),
+    RunKey(Config.NAIVE, Endpoint.GET_ITEM),
+    RunKey(Config.DIRECT, Endpoint.GET_ITEM),
+    RunKey(Config.POOLED, Endpoint.LIST_ITEMS),
+    RunKey(Config.NOMETRICS, Endpoint.LIST_ITEMS),
+    RunKey(Config.NAIVE, Endpoint.LIST_ITEMS),
+    RunKey(Config.DIRECT, Endpoint.LIST_ITEMS),
+    RunKey(Config.NOMETRICS, Endpoint.POST_VISIT),
+    RunKey(Config.NAIVE, Endpoint.POST_VISIT),
+    RunKey(Config.DIRECT, Endpoint.POST_VISIT),
+]
+
+
+CEILING_OF = {
+    Endpoint.GET_ITEM: Endpoint.PGBENCH_SELECT,
+    Endpoint.LIST_ITEMS: Endpoint.PGBENCH_SELECT,
+    Endpoint.POST_VISIT: Endpoint.PGBENCH_VISIT,
+}
+
+
+# The coalesced statement (service/coalesce.py) behind each endpoint, by metrics label.
+STATEMENT_OF = {Endpoint.GET_ITEM: "items by id", Endpoint.POST_VISIT: "visits"}
+
+
+class Pair(Enum):
+    """A ratio a target compares; the value is its name in the report."""
+
+    ITEM_VS_FRAMEWORK = "GET /items/{id} vs framework ceiling"
+    VISIT_VS_ITEM = "POST /visits vs GET /items/{id}"
+    ITEM_METRICS = "GET /items/{id} metrics on vs off"
+    ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
+    VISIT_COALESCING = "POST /visits coalescing on vs off"
+
+
+# Ratios a target compares, each taken between two runs of the same round.
+PAIRS = {
+    Pair.ITEM_VS_FRAMEWORK: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
+    ),
+    Pair.VISIT_VS_ITEM: (
+        RunKey(Config.POOLED, Endpoint.POST_VISIT),
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+    ),
+    Pair.ITEM_METRICS: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    ),
+    Pair.ITEM_COALESCING: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.SINGLE, Endpoint.GET_ITEM),
+    ),
+    Pair.VISIT_COALESCING: (
+        RunKey(Config.POOLED, Endpoint.POST_VISIT),
+        RunKey(Config.SINGLE, Endpoint.POST_VISIT),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command line: rounds, seconds per run, wrk connections, the lower
+    concurrencies GET /items/{id} also runs at, and whether to profile."""
+
+    rounds: int
+    duration: int
+    connections: int
+    also_connections: tuple[int, ...]
+    profile: bool
+
+    def http_runs(self) -> list[tuple[RunKey, int]]:
+        """One round's wrk runs, in order, each with its connections: the PLAN at
+        --connections, then GET /items/{id} as deployed at each --also-connections (the
+        same rate with less queueing shows how much of the latency is waiting, not work)."""
+        extra = [
+            (RunKey(Config.POOLED, Endpoint.GET_ITEM, c if c != self.connections else None), c)
+            for c in self.also_connections
+        ]
+        return [(key, self.connections) for key in PLAN] + extra

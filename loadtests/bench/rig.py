@@ -1,0 +1,143 @@
+"""The servers under test: one PostgreSQL, one PgBouncer, and a replica per configuration.
+
+All of them start before the first run, so every configuration is measured in the same
+conditions, and all stop (by recorded pid) when the block ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.localstack import procs
+from infra.localstack.config import REPO
+from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.postgres import Postgres
+from infra.localstack.replicas import Replica
+from loadtests.bench.plan import APP, POOL, REPLICA_SETTINGS, SEED_ITEMS, WORKERS, Config, Endpoint
+from loadtests.bench.probes import CPUMeter, worker_rss
+from loadtests.bench.results import Footprint
+from loadtests.bench.scripts import write_scripts
+
+# Settings every replica runs with, under its configuration's own.
+COMMON = {
+    "WORKERS": str(WORKERS),
+    "POOL_MIN": str(POOL),
+    "POOL_MAX": str(POOL),
+    "REPLICAS": "1",
+    "LOG_LEVEL": "warning",
+}
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class Rig:
+    """The running servers, the replica of each configuration with what it cost, and the
+    load scripts (in the scratch directory, which pgbench also writes its logs to)."""
+
+    scratch: Path
+    password: str
+    postgres: Postgres
+    bouncer: PgBouncer
+    replicas: dict[Config, Replica]
+    footprints: dict[Config, Footprint]
+    lua: dict[Endpoint, Path]
+    sql: dict[Endpoint, Path]
+
+    @property
+    def pooled_url(self) -> str:
+        """The application's libpq URL through PgBouncer."""
+        return self.bouncer.app_conninfo(APP)
+
+    def meter(self) -> CPUMeter:
+        return CPUMeter(self.bouncer.pid_file, self.postgres.pid_file)
+
+
+@contextmanager
+def rig() -> Iterator[Rig]:
+    """Start everything in a scratch directory; stop it all and remove it at the end.
+
+    Raises procs.StackError when a replica does not become ready within 30 s.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
+    scratch.chmod(0o755)
+    # PostgreSQL, PgBouncer, then each configuration's replica port and metrics port.
+    base = procs.free_port_block(2 + 2 * len(REPLICA_SETTINGS))
+    metrics_base = base + 1 + len(REPLICA_SETTINGS)
+    password = secrets.token_urlsafe(16)
+    pg = Postgres(scratch / "postgres", base, max_connections=100)
+    bouncer = PgBouncer(
+        scratch / "pgbouncer",
+        base + 1,
+        pg.port,
+        APP,
+        users={APP: password},
+        admin_password=secrets.token_urlsafe(16),
+        default_pool_size=20,
+    )
+    lua, sql = write_scripts(scratch)
+    started = Rig(scratch, password, pg, bouncer, {}, {}, lua, sql)
+    try:
+        direct_url = start_databases(pg, bouncer, password)
+        for i, config in enumerate(REPLICA_SETTINGS, start=1):
+            url = direct_url if config is Config.DIRECT else started.pooled_url
+            env = {**COMMON, "DATABASE_URL": url, **REPLICA_SETTINGS[config]}
+            replica = Replica(scratch / "replicas", i, base + 1 + i, metrics_base + i, env)
+            started.replicas[config] = replica
+            started.footprints[config] = start_replica(config, replica)
+        yield started
+    finally:
+        for replica in started.replicas.values():
+            replica.stop()
+        bouncer.stop()
+        pg.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def start_databases(pg: Postgres, bouncer: PgBouncer, password: str) -> str:
+    """PostgreSQL with the application's role, database and seeded schema, then
+    PgBouncer in front of it; returns the direct URL."""
+    pg.init()
+    pg.start()
+    pg.ensure_role(APP, password)
+    pg.ensure_database(APP, APP)
+    direct_url = f"postgresql://{APP}:{password}@127.0.0.1:{pg.port}/{APP}"
+    subprocess.run(
+        [sys.executable, "-m", "service.migrate", "--seed", str(SEED_ITEMS)],
+        env={**os.environ, "DATABASE_URL": direct_url},
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    bouncer.start()
+    return direct_url
+
+
+def start_replica(config: Config, replica: Replica) -> Footprint:
+    """Start one configuration's replica and time it to /readyz 200; a second later, its
+    workers' RSS at rest."""
+    started = time.monotonic()
+    replica.start()
+    procs.wait_until(lambda: replica.ready() or not replica.running(), 30, interval=0.02)
+    if not replica.ready():
+        raise procs.StackError(f"{config.label} did not start:\n{procs.tail(replica.log)}")
+    footprint = Footprint(start_to_ready_s=time.monotonic() - started)
+    time.sleep(1)
+    footprint.rss_rest_mib = worker_rss(replica)
+    say(
+        f"{config.label:<26} ready in {footprint.start_to_ready_s:.2f}s,"
+        f" workers at rest {', '.join(f'{r:.0f}' for r in footprint.rss_rest_mib)} MiB"
+    )
+    return footprint

@@ -1,0 +1,197 @@
+"""The sweep's runs: a private stack reshaped for each cell, Locust against it, the cells."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from infra.localstack.config import REPO, StackSettings, private_settings
+from infra.localstack.stack import Stack
+from loadtests.common.poll import Poll
+from loadtests.sweep.cells import Cell, judge
+from loadtests.sweep.plan import CellKey, Mode, Plan
+from loadtests.sweep.probes import locust_totals, peaks, pool_pressure
+from service.budget import check, deployment_topology
+from service.settings import Settings
+
+SCENARIO = REPO / "loadtests" / "saturate.py"
+SEED_ITEMS = 1000
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---- one cell -----------------------------------------------------------------------------
+
+
+def run_locust(stack: Stack, users: int, duration: int, prefix: Path) -> str:
+    env = {
+        **os.environ,
+        "SAMPLER_PGBOUNCER_URL": stack.pgbouncer().admin_conninfo(),
+        "SAMPLER_POSTGRES_URL": stack.postgres().superuser_conninfo(),
+        "SEED_ITEMS": str(SEED_ITEMS),
+        "LOADTEST_MAX_FAIL_RATIO": "1",  # the sweep reports failures; it does not gate on them
+        "LOADTEST_MAX_P95_MS": "1000000",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(SCENARIO),
+            "--headless",
+            "--users",
+            str(users),
+            "--spawn-rate",
+            str(users),
+            "--run-time",
+            f"{duration}s",
+            "--host",
+            stack.haproxy().url,
+            "--csv",
+            str(prefix),
+            "--only-summary",
+            "--stop-timeout",
+            "5",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=duration + 120,
+    )
+    return result.stdout + result.stderr
+
+
+def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path) -> Cell:
+    os.environ.update(
+        {
+            "WORKERS": str(key.workers),
+            "POOL_MIN": "1",
+            "POOL_MAX": str(plan.pool_max),
+            # Coalescing off: every queued request needs a connection of its own, so the
+            # pools grow to POOL_MAX, the peak the budget must hold. (Coalesced, requests
+            # that queue together share one, and the same load fills fewer.)
+            "COALESCE_MAX": "1",
+        }
+    )
+    settings = stack_settings.model_copy(
+        update={"replicas": key.replicas, "via_pgbouncer": key.mode is Mode.PGBOUNCER}
+    )
+    stack = Stack(settings)
+    budget = check(deployment_topology(Settings(), settings))
+    log = out / "stack.log"
+    with log.open("a") as stack_log, contextlib.redirect_stdout(stack_log):
+        print(f"\n=== {key.mode} W={key.workers} R={key.replicas}")
+        stack.up(enforce_budget=False)
+    users = min(400, plan.users_per_connection * budget.clients_at_peak)
+    prefix = out / key.prefix
+    metrics_urls = [stack.replica(i).metrics_url for i in range(1, key.replicas + 1)]
+    with (
+        httpx.Client(timeout=2) as http,
+        Poll(functools.partial(pool_pressure, http, metrics_urls), 1.0) as pressure,
+    ):
+        output = run_locust(stack, users, plan.duration, prefix)
+    (prefix.parent / f"{prefix.name}.locust.log").write_text(output)
+    measured = peaks(Path(f"{prefix}_connections.csv"), key.mode)
+    totals = locust_totals(Path(f"{prefix}_stats.csv"))
+    cell = Cell(
+        mode=key.mode,
+        workers=key.workers,
+        replicas=key.replicas,
+        pool_max=plan.pool_max,
+        predicted_clients=budget.clients_at_peak,
+        budget_fits=budget.ok,
+        budget_server_at_peak=budget.server_at_peak,
+        measured_clients=measured["clients"],
+        pgbouncer_servers=measured["servers"] if key.mode is Mode.PGBOUNCER else 0,
+        postgres_backends=measured["backends"],
+        postgres_max_connections=settings.postgres_max_connections,
+        requests=int(totals["requests"]),
+        requests_per_s=round(totals["rps"], 1),
+        p50_ms=totals["p50"],
+        p95_ms=totals["p95"],
+        p99_ms=totals["p99"],
+        failures=int(totals["failures"]),
+        shed_503=measured["shed"],
+        pool_waiters=max((waiting for waiting, _ in pressure.readings), default=0),
+        connection_errors=max((errors for _, errors in pressure.readings), default=0),
+        verdict="",
+        as_predicted=False,
+    )
+    cell.verdict, cell.as_predicted = judge(cell, budget)
+    return cell
+
+
+# ---- the whole sweep ----------------------------------------------------------------------
+
+
+def mode_settings(base: StackSettings, mode: Mode, plan: Plan) -> StackSettings:
+    """The private stack of one mode: direct mode runs PostgreSQL with a small
+    max_connections (so the stack restarts it between modes)."""
+    return base.model_copy(
+        update={
+            "postgres_max_connections": plan.direct_max_connections
+            if mode is Mode.DIRECT
+            else base.postgres_max_connections,
+            # A small server pool: PostgreSQL's side stays flat once
+            # clients outnumber it, whatever the grid adds.
+            "pgbouncer_default_pool_size": plan.pgbouncer_pool_size,
+            "pgbouncer_reserve_pool_size": 0,
+        }
+    )
+
+
+def sweep(plan: Plan, out: Path) -> list[Cell]:
+    """Every cell of the plan, in order, on a private stack in a scratch directory;
+    the environment is restored and the stack stopped whatever happens."""
+    cells: list[Cell] = []
+    total = len(plan.cells())
+    started = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="pgscale-sweep-"))
+    scratch.chmod(0o755)
+    saved_env = dict(os.environ)
+    try:
+        base, _ = private_settings(scratch / "stack", seed_items=SEED_ITEMS)
+        for mode in plan.modes:
+            settings = mode_settings(base, mode, plan)
+            try:
+                for key in plan.cells(mode):
+                    say(
+                        f"[{len(cells) + 1}/{total}] {key.mode:<9} W={key.workers}"
+                        f" R={key.replicas} ({time.monotonic() - started:.0f}s elapsed) ..."
+                    )
+                    cells.append(run_cell(settings, key, plan, out))
+                    say(progress(cells[-1]))
+            finally:
+                with (out / "stack.log").open("a") as log, contextlib.redirect_stdout(log):
+                    Stack(settings).down()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return cells
+
+
+def progress(cell: Cell) -> str:
+    """The line printed after each cell."""
+    mark = "ok " if cell.as_predicted else "OFF"
+    return (
+        f"      {mark} predicted {cell.predicted_clients:>3}"
+        f" measured {cell.measured_clients:>3}"
+        f" | PgBouncer servers {cell.pgbouncer_servers:>2}"
+        f" | PostgreSQL backends {cell.postgres_backends:>3}"
+        f" | {cell.requests_per_s:>6.1f} req/s p99 {cell.p99_ms:.0f} ms"
+        f" | failures {cell.failures} shed {cell.shed_503}"
+    )
