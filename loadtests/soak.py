@@ -43,11 +43,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from infra.localstack import procs
 from infra.localstack.config import REPO
+from loadtests.common.prom import Scrape
 from loadtests.common.sampling import Probe
 from loadtests.soak_report import FaultRun, write_report
 from tests.faults.faults import Timing, by_name, run_phase
@@ -167,14 +165,8 @@ def sample_workers(harness: Harness, elapsed: float) -> list[WorkerSample]:
 
 def _in_flight(harness: Harness, index: int) -> dict[int, float]:
     """pgscale_http_requests_in_flight by worker pid (a gauge outside pgscale_pool_*)."""
-    text = httpx.get(harness.replica(index).metrics_url, timeout=5).text
-    found: dict[int, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "pgscale_http_requests_in_flight":
-            for s in family.samples:
-                if "pid" in s.labels:
-                    found[int(s.labels["pid"])] = s.value
-    return found
+    scrape = Scrape.get(harness.replica(index).metrics_url)
+    return {int(pid): v for pid, v in scrape.by_pid("pgscale_http_requests_in_flight").items()}
 
 
 class Sampler:

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
 from infra.localstack.config import StackSettings
 from infra.localstack.stack import Stack
+from loadtests.common.prom import Scrape
 from tests.conftest import Databases, StartService, metric_samples
 from tests.test_observability import DASHBOARDS, panels
 
@@ -170,26 +170,18 @@ def test_every_template_variable_has_values(scraped: Stack) -> None:
 
 def test_replica_metrics_show_each_worker_moving_with_load(scraped: Stack) -> None:
     replica = scraped.replica(1)
-    families = {
-        f.name: f for f in text_string_to_metric_families(httpx.get(replica.metrics_url).text)
-    }
-    in_use = families["pgscale_pool_connections_in_use"].samples
-    assert len({s.labels["pid"] for s in in_use}) == 2
+    scrape = Scrape.get(replica.metrics_url)
+    assert len(scrape.by_pid("pgscale_pool_connections_in_use")) == 2
 
     def some_in_use() -> bool:
-        text = httpx.get(replica.metrics_url).text
-        return any(
-            sum(s.value for s in family.samples) > 0
-            for family in text_string_to_metric_families(text)
-            if family.name == "pgscale_pool_connections_in_use"
-        )
+        return Scrape.get(replica.metrics_url).total("pgscale_pool_connections_in_use") > 0
 
     # The gauge is a snapshot a second, and a connection is checked out for a fraction
     # of each request (less still when requests share a statement): look until one is.
     assert procs.wait_until(some_in_use, 15, interval=0.25), (
         "under load some connections must be in use"
     )
-    max_total = sum(s.value for s in families["pgscale_pool_max_connections"].samples)
+    max_total = scrape.total("pgscale_pool_max_connections")
     assert max_total == 2 * 3  # W x POOL_MAX
 
 

@@ -10,7 +10,6 @@ back. Each waits on the workers' own metrics, never on a fixed sleep.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
@@ -21,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from infra.localstack import procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
+from loadtests.common.poll import Poll
 from service.db import Database
 from service.pool import PoolKeeper
 from service.settings import Settings
@@ -53,26 +53,9 @@ def replica(start_service: StartService, own_bouncer: PgBouncer) -> Replica:
     )
 
 
-class HealthChecks:
+def health_checks(url: str) -> Poll[int | None]:
     """What a load balancer sends while nobody else does: /readyz, four times a second."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.statuses: list[int | None] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.25):
-            self.statuses.append(procs.http_status(f"{self.url}/readyz", timeout=5))
-
-    def __enter__(self) -> HealthChecks:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    return Poll(lambda: procs.http_status(f"{url}/readyz", timeout=5), 0.25)
 
 
 def per_worker(replica: Replica, name: str) -> dict[str, float]:
@@ -99,7 +82,7 @@ def test_an_outage_past_the_reconnect_timeout_heals_without_a_restart(
 ) -> None:
     ids = make_items(replica.url, 10)
     pids_before = set(per_worker(replica, "pgscale_pool_connections"))
-    with HealthChecks(replica.url) as checks:
+    with health_checks(replica.url) as checks:
         own_bouncer.stop(timeout=30)
         # The cause: every worker's pool gave a connection up for good.
         assert procs.wait_until(
@@ -113,7 +96,7 @@ def test_an_outage_past_the_reconnect_timeout_heals_without_a_restart(
         healed = procs.wait_until(lambda: serving(replica), RECOVERED_WITHIN)
         took = time.monotonic() - back
     assert healed, f"not every worker has connections {took:.1f} s after PgBouncer came back"
-    assert 503 in checks.statuses, "readiness never saw the outage"
+    assert 503 in checks.readings, "readiness never saw the outage"
     assert procs.wait_until(lambda: procs.http_status(f"{replica.url}/readyz") == 200, 10)
     with httpx.Client(base_url=replica.url, timeout=10) as http:
         statuses = [http.get(f"/items/{i}").status_code for i in ids * 4]
@@ -126,7 +109,7 @@ def test_an_outage_past_the_reconnect_timeout_heals_without_a_restart(
 
 def test_repeated_outages_heal_each_time(replica: Replica, own_bouncer: PgBouncer) -> None:
     """PgBouncer killed and started again, five times in a row, under health checks."""
-    with HealthChecks(replica.url):
+    with health_checks(replica.url):
         for _ in range(5):
             own_bouncer.stop(timeout=30)
             own_bouncer.start()

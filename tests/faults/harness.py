@@ -19,9 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
 
 from infra.localstack import procs
 from infra.localstack.config import private_settings
@@ -29,6 +27,7 @@ from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
 from infra.localstack.stack import APP_DATABASE, APP_ROLE, Stack
+from loadtests.common.prom import Scrape
 from service.settings import DeploymentSettings, Settings
 from tests.faults.proxy import TcpProxy
 
@@ -205,24 +204,18 @@ class Harness:
 
     def metrics_pids(self, index: int) -> set[int]:
         """Worker pids that have series on the replica's metrics port now."""
-        text = httpx.get(self.replica(index).metrics_url, timeout=5).text
-        pids: set[int] = set()
-        for family in text_string_to_metric_families(text):
-            if family.name == "pgscale_pool_connections":
-                pids.update(int(s.labels["pid"]) for s in family.samples if "pid" in s.labels)
-        return pids
+        scrape = Scrape.get(self.replica(index).metrics_url)
+        return {int(pid) for pid in scrape.by_pid("pgscale_pool_connections")}
 
     def pool_gauges(self, index: int) -> dict[int, dict[str, float]]:
         """Each worker's pool gauges on replica `index` now: {pid: {metric: value}}
         (`pgscale_pool_connections_available`, `..._in_use`, `..._requests_waiting`, ...)."""
-        text = httpx.get(self.replica(index).metrics_url, timeout=5).text
+        scrape = Scrape.get(self.replica(index).metrics_url)
         gauges: dict[int, dict[str, float]] = {}
-        for family in text_string_to_metric_families(text):
-            if family.type != "gauge" or not family.name.startswith("pgscale_pool_"):
-                continue
-            for sample in family.samples:
-                if "pid" in sample.labels:
-                    gauges.setdefault(int(sample.labels["pid"]), {})[sample.name] = sample.value
+        for family in scrape.families:
+            if family.startswith("pgscale_pool_"):
+                for pid, value in scrape.by_pid(family).items():  # gauges: pid-labelled
+                    gauges.setdefault(int(pid), {})[family] = value
         return gauges
 
     def every_replica_ready(self, streak: int | None = None) -> bool:
