@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# busybox: tests/test_deploy.py also runs render-config with Alpine's awk.
+# busybox: tests/integration/test_deploy.py also runs render-config with Alpine's awk.
 APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter busybox
 EXPORTER_VENV := .venv-exporter
 # prometheus-pgbouncer-exporter 2.1.2 pins these; its own psycopg2 needs a compiler, the

@@ -252,7 +252,7 @@ class TalliedHistogram:
     bucket). This keeps the same per-bucket counts and sum in plain Python and adds
     them to the series in one go. prometheus_client has no public call for "add n
     observations to a bucket", so `flush` uses the series' own bucket and sum values;
-    tests/test_metrics_tally.py checks that the result equals per-request `observe`.
+    tests/unit/test_metrics_tally.py checks that the result equals per-request `observe`.
     """
 
     def __init__(self, series: Histogram) -> None:

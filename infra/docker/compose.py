@@ -7,7 +7,7 @@ PostgreSQL's) and checks it with service/budget.py, together with what must agre
 across services: the numbers PgBouncer and PostgreSQL run with are the ones every
 replica's start-up guard checks, haproxy has a slot for every replica the budget
 allows, and the PgBouncer config mounted is in transaction mode. Exit code 0 when all
-holds, 1 when not. tests/test_deploy.py runs the same checks.
+holds, 1 when not. tests/integration/test_deploy.py runs the same checks.
 """
 
 from __future__ import annotations

@@ -47,5 +47,5 @@ the report gives the median of those per-round ratios.
 #   report.py    bench.json and bench.md
 #   __main__.py  the command line
 
-# tests/test_coalesce_live.py reads a replica's statements from here.
+# tests/integration/test_coalesce_live.py reads a replica's statements from here.
 from loadtests.bench.probes import statement_totals as statement_totals

@@ -515,7 +515,7 @@ def pool_exhaustion(phase: Phase) -> None:
     statement timeout; once the lock goes, everything serves again. The burst reads
     pages, which never share a statement: reads by id that queue together would ride
     a few batches on a few connections (service/coalesce.py) instead of exhausting
-    the pool (tests/test_coalesce.py covers how a waiting batch times out).
+    the pool (tests/unit/test_coalesce.py covers how a waiting batch times out).
     """
     h = phase.harness
     t = h.tuning

@@ -13,7 +13,7 @@ from infra.localstack import procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
 from service.pool import spoke_unasked
-from tests.conftest import APP, Databases, StartService, make_items, stopped
+from tests.support.stack import APP, Databases, StartService, make_items, stopped
 
 pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped and restarted
 

@@ -20,8 +20,8 @@ from infra.localstack import procs
 from infra.localstack.config import StackSettings
 from infra.localstack.stack import Stack
 from loadtests.common.prom import Scrape
-from tests.conftest import Databases, StartService, metric_samples
-from tests.test_observability import DASHBOARDS, panels
+from tests.support.dashboards import DASHBOARDS, panels
+from tests.support.stack import Databases, StartService, metric_samples
 
 pytestmark = pytest.mark.slow  # a whole stack under load, and gunicorn
 

@@ -23,7 +23,7 @@ from service.pool import PoolKeeper
 from service.prepared import prepare_threshold
 from service.routes.visits import record_by_item
 from service.settings import DeploymentSettings, Settings
-from tests.conftest import Databases
+from tests.support.stack import Databases
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from infra.localstack import procs
 from infra.localstack.replicas import Replica
 from loadtests.bench import statement_totals
 from service import sql
-from tests.conftest import Databases, StartService, make_items, requests_waiting
 from tests.support.postgres import TABLE_LOCK, LockHolder
+from tests.support.stack import Databases, StartService, make_items, requests_waiting
 
 MISSING = 2**62  # no such item
 # How long the queued requests may wait for the connection: ample time to see them all

@@ -9,17 +9,17 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from infra.localstack.config import REPO
 from service import metrics
+from tests.support.dashboards import DASHBOARDS, panels
 
-INFRA = Path(__file__).resolve().parent.parent / "infra"
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-DASHBOARDS = sorted((INFRA / "grafana" / "dashboards").glob("*.json"))
+INFRA = REPO / "infra"
+DOCS = REPO / "docs"
 RULE_FILES = sorted((INFRA / "prometheus" / "rules").glob("*.yml"))
 
 
@@ -76,14 +76,6 @@ def test_required_alerts_exist() -> None:
         "PgscaleHighLatencyP99",
     ):
         assert required in names
-
-
-def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    found = []
-    for panel in dashboard["panels"]:
-        found.append(panel)
-        found += panel.get("panels", [])
-    return [p for p in found if p["type"] != "row"]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)

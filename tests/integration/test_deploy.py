@@ -35,7 +35,7 @@ from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.render import render
 from service.budget import max_safe_replicas
-from tests.conftest import Databases
+from tests.support.stack import Databases
 
 Manifest = dict[str, Any]
 

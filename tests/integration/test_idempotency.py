@@ -9,7 +9,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Databases
+from tests.support.stack import Databases
 
 pytestmark = pytest.mark.slow  # the session's gunicorn replica
 

@@ -1,7 +1,7 @@
 """Coalescing, step by step: who shares a statement, what each request gets, the bounds.
 
 These drive a Coalescer with the real CheckoutQueue and a stand-in for Database.read
-that only takes a slot (the database is in tests/test_coalesce_live.py).
+that only takes a slot (the database is in tests/integration/test_coalesce_live.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from infra.localstack import procs
-from tests.conftest import Databases, StartService, make_items
+from tests.support.stack import Databases, StartService, make_items
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_schemathesis.py, loaded through SCHEMATHESIS_HOOKS.
+"""Schemathesis hooks for tests/integration/test_schemathesis.py, loaded through SCHEMATHESIS_HOOKS.
 
 Two answers depend on what the database holds, which no schema can describe; the
 OpenAPI document states both in prose (the 422's description):
@@ -9,7 +9,8 @@ OpenAPI document states both in prose (the 422's description):
   replayed 201 then names a gone item, which ensure_resource_availability reports).
   A client must not reuse a key for another request, so `before_call` gives every
   valid drawn key a run-unique value; invalid ones go out as drawn, to be refused.
-  tests/test_api.py and tests/test_idempotency.py test the reuse answers themselves.
+  tests/integration/test_api.py and test_idempotency.py test the reuse answers
+  themselves.
 - `POST /visits` for an `item_id` no item has is a 422 naming `body.item_id`: most
   drawn ids. `filter_failure` drops exactly that answer when positive_data_acceptance
   calls it a valid request rejected; every other failure stands.

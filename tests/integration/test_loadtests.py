@@ -20,7 +20,7 @@ from infra.localstack import procs
 from infra.localstack.config import REPO
 from infra.localstack.replicas import Replica
 from loadtests.common.sampling import COLUMNS, Probe, by_replica, replica_of
-from tests.conftest import Databases, StartService
+from tests.support.stack import Databases, StartService
 
 pytestmark = pytest.mark.slow
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Databases, StartService
+from infra.localstack.config import REPO
+from tests.support.stack import Databases, StartService
 
 QUERY = "SELECT id, name FROM items WHERE id = %s"
 
@@ -125,7 +125,7 @@ def test_the_guard_catches_session_state() -> None:
 
 def test_service_code_keeps_no_session_state() -> None:
     """A lint-level guard over service/: no session-level commands anywhere."""
-    service = Path(__file__).resolve().parent.parent / "service"
+    service = REPO / "service"
     found = {
         str(path.relative_to(service)): hits
         for path in sorted(service.rglob("*.py"))

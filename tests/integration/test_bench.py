@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.localstack.config import REPO
 from loadtests.bench.plan import PAIRS, PLAN, REPLICA_SETTINGS, Config, Endpoint, Pair, RunKey
 from loadtests.bench.report import latency_floor
 from loadtests.bench.results import Result, paired_ratios
 from loadtests.bench.scripts import SCRIPTS
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run(key: RunKey, round_: int, rps: float) -> Result:

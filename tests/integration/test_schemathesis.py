@@ -1,7 +1,7 @@
 """Generated bad (and good) input against the OpenAPI schema: no 5xx, answers as documented.
 
 Every check schemathesis has, in its coverage, fuzzing and stateful phases, seeded. The
-hooks in tests/schemathesis_hooks.py make it use Idempotency-Keys as a client must (one
+hooks in tests/integration/schemathesis_hooks.py make it use Idempotency-Keys as a client must (one
 per request) and drop the one documented answer no schema can express (a visit to an
 item that does not exist); they say why.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import StartService
+from tests.support.stack import StartService
 
 pytestmark = pytest.mark.slow  # a gunicorn replica of its own
 

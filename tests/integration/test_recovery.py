@@ -24,7 +24,7 @@ from loadtests.common.poll import Poll
 from service.db import Database
 from service.pool import PoolKeeper
 from service.settings import Settings
-from tests.conftest import APP, Databases, StartService, make_items, metric_samples
+from tests.support.stack import APP, Databases, StartService, make_items, metric_samples
 
 pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped until pools give up
 

@@ -18,14 +18,14 @@ import pytest
 
 from infra.localstack import procs
 from infra.localstack.replicas import Replica
-from tests.conftest import (
+from tests.support.postgres import ROW_LOCK, TABLE_LOCK, LockHolder, log_since
+from tests.support.stack import (
     Databases,
     StartService,
     counter_total,
     make_items,
     requests_waiting,
 )
-from tests.support.postgres import ROW_LOCK, TABLE_LOCK, LockHolder, log_since
 
 pytestmark = pytest.mark.slow  # gunicorn replicas
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from service.migrate import STEPS
-from tests.conftest import APP, Databases, migrate
+from tests.support.stack import APP, Databases, migrate
 
 
 def test_running_the_migration_again_changes_nothing(databases: Databases) -> None:

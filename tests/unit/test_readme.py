@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from pydantic_settings import BaseSettings
 
-from infra.localstack.config import StackSettings
+from infra.localstack.config import REPO, StackSettings
 from service.settings import Settings
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (REPO / "README.md").read_text()
 
 
 @pytest.mark.parametrize("settings_class", [Settings, StackSettings])
@@ -21,6 +19,6 @@ def test_every_setting_is_documented_with_its_default(settings_class: type[BaseS
 
 
 def test_ci_runs_the_command_readme_gives() -> None:
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in README
     assert "make test" in ci

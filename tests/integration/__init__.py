@@ -1,0 +1,1 @@
+"""Tests against real PostgreSQL, PgBouncer, gunicorn replicas and stacks."""

@@ -1,0 +1,1 @@
+"""Tests that need no server: they run in seconds (`pytest tests/unit`)."""
