@@ -376,11 +376,15 @@ SHARED_LIMITS = (
 )
 
 
-def environment_topology(env: Mapping[str, str], *, replicas: int, instances: int = 1) -> Topology:
-    """The topology a replica with environment `env` belongs to (compose, k8s checks).
+def environment_topology(
+    env: Mapping[str, str], *, replicas: int, instances: int = 1, direct: bool = False
+) -> Topology:
+    """The topology a replica with environment `env` belongs to (compose, k8s checks,
+    and the settings themselves through `deployment_topology`).
 
     The variable names are the service's and DeploymentSettings' own: WORKERS,
     POOL_MIN, POOL_MAX, PGBOUNCER_*, POSTGRES_*. A missing one is a KeyError naming it.
+    `direct`: the replicas connect straight to PostgreSQL (no PgBouncer limits apply).
     """
     return Topology(
         app=AppShape(
@@ -393,7 +397,9 @@ def environment_topology(env: Mapping[str, str], *, replicas: int, instances: in
             max_connections=int(env["POSTGRES_MAX_CONNECTIONS"]),
             superuser_reserved=int(env["POSTGRES_SUPERUSER_RESERVED"]),
         ),
-        bouncer=BouncerLimits(
+        bouncer=None
+        if direct
+        else BouncerLimits(
             max_client_conn=int(env["PGBOUNCER_MAX_CLIENT_CONN"]),
             default_pool_size=int(env["PGBOUNCER_DEFAULT_POOL_SIZE"]),
             reserve_pool_size=int(env["PGBOUNCER_RESERVE_POOL_SIZE"]),
@@ -419,30 +425,34 @@ def deployment_topology(
     stack = stack or DeploymentSettings()
     if direct is None:
         direct = not stack.via_pgbouncer
-    return Topology(
-        app=AppShape(
-            replicas=stack.replicas,
-            workers=service.workers,
-            pool_min=service.pool_min,
-            pool_max=service.pool_max,
-        ),
-        postgres=PostgresLimits(
-            max_connections=stack.postgres_max_connections,
-            superuser_reserved=stack.postgres_superuser_reserved,
-        ),
-        bouncer=None
-        if direct
-        else BouncerLimits(
-            max_client_conn=stack.pgbouncer_max_client_conn,
-            default_pool_size=stack.pgbouncer_default_pool_size,
-            reserve_pool_size=stack.pgbouncer_reserve_pool_size,
-            max_db_connections=stack.pgbouncer_max_db_connections,
-            instances=stack.pgbouncer_instances,
-        ),
+    # The settings under the names of the variables that set them, as compose and k8s
+    # give them to a replica: one way from numbers to a Topology.
+    env = {
+        name.upper(): str(value)
+        for model in (stack, service)
+        for name, value in model.model_dump().items()
+    }
+    return environment_topology(
+        env, replicas=stack.replicas, instances=stack.pgbouncer_instances, direct=direct
     )
 
 
 # ---- the command line -----------------------------------------------------------------
+
+
+def summary(budget: Budget) -> str:
+    """The budget in one line (what `make up` prints before it changes anything)."""
+    verdict = "ok" if budget.ok else "DOES NOT FIT"
+    if budget.mode == "direct":
+        return (
+            f"{budget.clients_at_peak} connections straight to PostgreSQL at peak,"
+            f" {budget.server_available} available: {verdict}"
+        )
+    return (
+        f"{budget.clients_at_peak} client connections at peak ({budget.client_usable} usable),"
+        f" {budget.server_at_peak} server connections ({budget.server_available} available):"
+        f" {verdict}"
+    )
 
 
 def render(budget: Budget) -> str:
@@ -507,9 +517,9 @@ def render(budget: Budget) -> str:
     return "\n".join(lines)
 
 
-def _parser(defaults: Topology) -> argparse.ArgumentParser:
+def _parser(defaults: Topology, direct: bool) -> argparse.ArgumentParser:
     app, pg, bouncer = defaults.app, defaults.postgres, defaults.bouncer
-    assert bouncer is not None  # deployment_topology() has one unless asked for direct mode
+    assert bouncer is not None  # main asks deployment_topology for PgBouncer's limits
     parser = argparse.ArgumentParser(
         prog="python -m service.budget",
         description="Check the connection budget. The defaults are the local stack's"
@@ -520,7 +530,10 @@ def _parser(defaults: Topology) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
-        "--direct", action="store_true", help="no PgBouncer: app pools connect to PostgreSQL"
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=direct,
+        help="no PgBouncer: app pools connect to PostgreSQL (default: VIA_PGBOUNCER=false)",
     )
 
     def flag(group: argparse._ArgumentGroup, name: str, default: float, text: str) -> None:
@@ -580,12 +593,15 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m service.budget`: 0 when the budget holds, 1 when not, 2 on bad input."""
     from pydantic import ValidationError
 
+    from service.settings import DeploymentSettings
+
     try:
-        defaults = deployment_topology()
+        direct = not DeploymentSettings().via_pgbouncer
+        defaults = deployment_topology(direct=False)  # PgBouncer's limits, for the flags
     except (ValidationError, ValueError) as exc:
         print(f"error: invalid settings in the environment:\n{exc}", file=sys.stderr)
         return 2
-    parser = _parser(defaults)
+    parser = _parser(defaults, direct)
     args = parser.parse_args(argv)  # exits 2 on unknown flags or non-numbers
     try:
         budget = check(_topology(args))

@@ -16,7 +16,7 @@ from infra.localstack.pgbouncer import STATS_USER, PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
-from service.budget import Budget, check, deployment_topology
+from service.budget import check, deployment_topology, summary
 from service.rules import timeout_problems
 from service.settings import DeploymentSettings, Settings
 
@@ -393,20 +393,6 @@ class Stack:
             say("PgBouncer    stopped")
         if self.postgres().stop():
             say("PostgreSQL   stopped")
-
-
-def summary(budget: Budget) -> str:
-    """One line of the budget for `make up`."""
-    if budget.mode == "direct":
-        return (
-            f"{budget.clients_at_peak} connections straight to PostgreSQL at peak,"
-            f" {budget.server_available} available: {'ok' if budget.ok else 'DOES NOT FIT'}"
-        )
-    return (
-        f"{budget.clients_at_peak} client connections at peak ({budget.client_usable} usable),"
-        f" {budget.server_at_peak} server connections ({budget.server_available} available):"
-        f" {'ok' if budget.ok else 'DOES NOT FIT'}"
-    )
 
 
 def say(line: str) -> None:

@@ -308,3 +308,13 @@ def test_cli_bad_input_exits_2_with_a_clear_message(
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stdout == ""
+
+
+def test_cli_follows_via_pgbouncer_false_and_can_be_told_otherwise() -> None:
+    """VIA_PGBOUNCER=false (as `make up` and the sweep's direct contrast set it) makes the
+    CLI check direct mode; --no-direct checks the PgBouncer side anyway."""
+    direct = budget_cli("--json", VIA_PGBOUNCER="false")
+    assert direct.returncode in (0, 1), direct.stderr
+    assert json.loads(direct.stdout)["mode"] == "direct"
+    through = budget_cli("--json", "--no-direct", VIA_PGBOUNCER="false")
+    assert json.loads(through.stdout)["mode"] == "pgbouncer"
