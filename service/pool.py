@@ -189,9 +189,17 @@ class PoolKeeper:
     (Database): connections checked out, and requests inside `pool.getconn`.
     """
 
-    def __init__(self, settings: Settings, prepare_threshold: int | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        prepare_threshold: int | None,
+        on_stuck: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.prepare_threshold = prepare_threshold
+        # What to do when this process cannot recover: by default exit the worker
+        # (SIGTERM to itself: uvicorn stops, and gunicorn's master starts a new one).
+        self.on_stuck = on_stuck or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         self.pool = self._new_pool()
         self.in_use = 0
         self.in_getconn = 0
@@ -317,4 +325,4 @@ class PoolKeeper:
     def give_up(self) -> None:
         """Exit the worker (gunicorn starts a new one): a case this process cannot fix."""
         logger.error("pool %r cannot recover in this process: the worker exits", self.pool.name)
-        os.kill(os.getpid(), signal.SIGTERM)
+        self.on_stuck()
