@@ -59,6 +59,9 @@ def health_checks(url: str) -> Poll[int | None]:
 
 
 def per_worker(replica: Replica, name: str) -> dict[str, float]:
+    """pid -> value: a gauge, or a per-worker counter (asked by its `_total` name)."""
+    if name.endswith("_total"):
+        return metric_samples(replica.metrics_url, name.removesuffix("_total"), "_total")
     return metric_samples(replica.metrics_url, name)
 
 
@@ -86,8 +89,8 @@ def test_an_outage_past_the_reconnect_timeout_heals_without_a_restart(
         own_bouncer.stop(timeout=30)
         # The cause: every worker's pool gave a connection up for good.
         assert procs.wait_until(
-            lambda: every_worker(replica, "pgscale_pool_reconnects_given_up"), 60
-        ), per_worker(replica, "pgscale_pool_reconnects_given_up")
+            lambda: every_worker(replica, "pgscale_pool_reconnects_given_up_total"), 60
+        ), per_worker(replica, "pgscale_pool_reconnects_given_up_total")
         assert procs.wait_until(lambda: every_worker(replica, "pgscale_pool_database_down"), 30)
         # Refused at once while down, and nothing piles up behind the refusals.
         assert every_worker(replica, "pgscale_pool_requests_waiting", test=0)
@@ -103,7 +106,7 @@ def test_an_outage_past_the_reconnect_timeout_heals_without_a_restart(
     assert statuses == [200] * len(statuses)
     # The same workers: nobody was restarted to get here.
     assert set(per_worker(replica, "pgscale_pool_connections")) == pids_before
-    assert every_worker(replica, "pgscale_pool_replacements")
+    assert every_worker(replica, "pgscale_pool_replacements_total")
     assert every_worker(replica, "pgscale_pool_requests_waiting", test=0)
 
 
