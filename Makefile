@@ -74,8 +74,9 @@ ONLY ?=
 faults: setup
 	$(PY) -m tests.faults $(if $(ONLY),--only $(ONLY))
 
-# PgBouncer, then PostgreSQL, down 30 s past psycopg_pool's real 300 s reconnect timeout
-# with no client traffic (about 12 minutes); report in reports/faults/long/.
+# PgBouncer down until its pools give up past psycopg_pool's real 300 s reconnect timeout,
+# then PostgreSQL down 30 s past it, no client traffic (about 12 minutes); report in
+# reports/faults/long/.
 faults-long: setup
 	$(PY) -m tests.faults --long $(if $(ONLY),--only $(ONLY))
 

@@ -354,21 +354,27 @@ def pgbouncer_reload(phase: Phase) -> None:
 def pgbouncer_flapping(times: int = 5, within: float = 20.0) -> FaultRun:
     """PgBouncer killed (SIGKILL) and started again `times` times within `within` seconds.
 
-    Each cycle: killed, down a third of the cycle, started (and answering its console),
-    up for the rest; the fault clears when the last start returns.
+    Each cycle: killed, down until some replica's /readyz says so (the outage was seen),
+    started (and answering its console), up until every replica is ready again; the
+    fault clears when the last start returns. Each wait is on the service's own answer,
+    bounded by a cycle's share of `within`.
     """
 
     def run(phase: Phase) -> None:
         h = phase.harness
         cycle = within / times
+        replicas = range(1, h.tuning.replicas + 1)
+
+        def seen() -> bool:
+            return any(procs.http_status(f"{h.replica(i).url}/readyz") != 200 for i in replicas)
+
         phase.fault()
         for n in range(times):
-            began = time.monotonic()
             h.signal_pgbouncer(signal.SIGKILL)
-            time.sleep(cycle / 3)
+            procs.wait_until(seen, cycle, interval=0.05)
             h.start_pgbouncer()
             if n < times - 1:
-                time.sleep(max(0.0, cycle - (time.monotonic() - began)))
+                procs.wait_until(lambda: h.every_replica_ready(streak=1), cycle, interval=0.05)
         phase.cleared()
         phase.check(
             f"{times} kills and restarts within {within:.0f} s",
@@ -392,9 +398,10 @@ def gave_up_lines(text: str) -> int:
 
 def outage_past_reconnect(component: str) -> FaultRun:
     """`component` ("pgbouncer" or "postgres") down longer than POOL_RECONNECT_TIMEOUT,
-    with no client traffic meanwhile: the load pauses before the fault and resumes when
-    the component is back (accepting), so only haproxy's health checks reach the
-    replicas while it is down. Recovery counts from the component being back.
+    with no client traffic meanwhile (PgBouncer: until every replica's pools have given a
+    connection up; PostgreSQL: `outage_for` the timeout): the load pauses before the
+    fault and resumes when the component is back (accepting), so only haproxy's health
+    checks reach the replicas while it is down. Recovery counts from the component being back.
     """
 
     def run(phase: Phase) -> None:
@@ -412,16 +419,25 @@ def outage_past_reconnect(component: str) -> FaultRun:
                 h.signal_pgbouncer(signal.SIGKILL)
             else:
                 h.stack.postgres().stop(FAST)
+            if component == "pgbouncer":
+                # Down until every replica's pools have given a connection up: the
+                # path this row is about, reached for certain (waited for, bounded).
+                procs.wait_until(
+                    lambda: all(gave_up_lines(read()) for read in readers),
+                    outage + timeout + 60,
+                    interval=0.25,
+                )
+                h.start_pgbouncer()
+            else:
+                # Behind PgBouncer the pools never give up (below), so the outage's
+                # length is the fault itself: nothing to wait for.
+                time.sleep(outage)
+                h.stack.postgres().start()
             phase.note(
-                f"{component} down for {outage:.0f} s, no client traffic;"
+                f"{component} down for {phase.since_fault():.0f} s, no client traffic;"
                 f" POOL_RECONNECT_TIMEOUT {timeout:g} s"
                 f"{'' if h.tuning.pool_reconnect_timeout is not None else ' (the default)'}"
             )
-            time.sleep(outage)  # the outage itself: nothing to wait for
-            if component == "pgbouncer":
-                h.start_pgbouncer()
-            else:
-                h.stack.postgres().start()
             phase.cleared()
             phase.resume_load()
             gave_up = [gave_up_lines(read()) for read in readers]
@@ -824,7 +840,7 @@ def catalogue() -> list[Fault]:
         ),
         Fault(
             "pgbouncer-outage-quiet",
-            "PgBouncer down for twice POOL_RECONNECT_TIMEOUT with no client traffic.",
+            "PgBouncer down until every pool gave up (past POOL_RECONNECT_TIMEOUT), no traffic.",
             outage_past_reconnect("pgbouncer"),
         ),
         Fault(
@@ -897,7 +913,7 @@ def long_catalogue() -> list[Fault]:
     return [
         Fault(
             "pgbouncer-outage-long",
-            "PgBouncer down 30 s past the default POOL_RECONNECT_TIMEOUT, no client traffic.",
+            "PgBouncer down until every pool gave up past the default 300 s, no traffic.",
             outage_past_reconnect("pgbouncer"),
         ),
         Fault(

@@ -2,9 +2,9 @@
 
 PgBouncer killed and restarted, the network to PgBouncer cut and restored, a replica
 sent SIGTERM with writes in flight: each under steady load through haproxy. And
-PgBouncer down for twice POOL_RECONNECT_TIMEOUT (3 s here) with the load paused, only
-haproxy's health checks reaching the replicas: every pool must reach its reconnect
-timeout, and every replica be ready again within 5 s of PgBouncer's return. Every
+PgBouncer down, with the load paused and only haproxy's health checks reaching the
+replicas, until every replica's pools have given a connection up (POOL_RECONNECT_TIMEOUT
+is 3 s here): every replica must be ready again within 5 s of PgBouncer's return. Every
 acknowledged write is checked in PostgreSQL afterwards. The whole catalogue is
 `python -m tests.faults` (`make faults`). Also here, cheaply: the proxy does what the
 faults rely on, the audit does catch lost and doubled writes, and the Idempotency-Key
