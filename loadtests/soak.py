@@ -36,15 +36,17 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+import httpx
+
 from infra.localstack import procs
 from infra.localstack.config import REPO
+from loadtests.common.poll import Poll
 from loadtests.common.prom import Scrape
 from loadtests.common.sampling import Probe
 from loadtests.soak_report import FaultRun, write_report
@@ -131,20 +133,20 @@ def sample_workers(harness: Harness, elapsed: float) -> list[WorkerSample]:
     samples = []
     for index in range(1, harness.tuning.replicas + 1):
         try:
-            gauges = harness.pool_gauges(index)
+            # One reading of the replica's metrics for the pool gauges and in-flight.
+            scrape = Scrape.get(harness.replica(index).metrics_url)
             workers = harness.worker_pids(index)
-        except (OSError, AssertionError, ValueError):
+        except (OSError, httpx.HTTPError, AssertionError, ValueError):
             continue  # replica restarting, or its metrics port not answering
-        flights: dict[int, float] = {}
-        with contextlib.suppress(OSError):
-            flights = _in_flight(harness, index)
+        gauges = scrape.gauges_by_pid("pgscale_pool_")
+        flights = scrape.by_pid("pgscale_http_requests_in_flight")
         for pid in sorted(workers):
             try:
                 status = proc_status(pid)
                 fds = len(os.listdir(f"/proc/{pid}/fd"))
             except OSError:
                 continue
-            mine = gauges.get(pid, {})
+            mine = gauges.get(str(pid), {})
             samples.append(
                 WorkerSample(
                     elapsed_s=round(elapsed, 2),
@@ -153,7 +155,7 @@ def sample_workers(harness: Harness, elapsed: float) -> list[WorkerSample]:
                     rss_mb=round(int(status["VmRSS"].split()[0]) / 1024, 2),
                     fds=fds,
                     threads=int(status["Threads"]),
-                    in_flight=flights.get(pid),
+                    in_flight=flights.get(str(pid)),
                     waiting=mine.get("pgscale_pool_requests_waiting"),
                     in_use=mine.get("pgscale_pool_connections_in_use"),
                     available=mine.get("pgscale_pool_connections_available"),
@@ -163,23 +165,16 @@ def sample_workers(harness: Harness, elapsed: float) -> list[WorkerSample]:
     return samples
 
 
-def _in_flight(harness: Harness, index: int) -> dict[int, float]:
-    """pgscale_http_requests_in_flight by worker pid (a gauge outside pgscale_pool_*)."""
-    scrape = Scrape.get(harness.replica(index).metrics_url)
-    return {int(pid): v for pid, v in scrape.by_pid("pgscale_http_requests_in_flight").items()}
-
-
 class Sampler:
-    """A thread that samples every `interval` s into two CSV files until stopped."""
+    """Samples every `interval` s (a `Poll`) into two CSV files, while the block runs."""
 
     def __init__(self, harness: Harness, out: Path, interval: float, started: float) -> None:
         self.harness = harness
-        self.interval = interval
         self.started = started
         self.workers_csv = out / "workers.csv"
         self.connections_csv = out / "connections.csv"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
+        self._poll = Poll(self._sample, interval)
+        self._files = contextlib.ExitStack()
         stack = harness.stack
         self.probe = Probe(
             pgbouncer=stack.pgbouncer().admin_conninfo(),
@@ -187,37 +182,32 @@ class Sampler:
         )
 
     def __enter__(self) -> Sampler:
-        self._thread.start()
+        self._w = self._files.enter_context(self.workers_csv.open("w", newline=""))
+        self._c = self._files.enter_context(self.connections_csv.open("w", newline=""))
+        self._workers = _writer(self._w, WORKER_COLUMNS)
+        self._conns = _writer(self._c, CONNECTION_COLUMNS)
+        self._poll.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(self.interval + 30)
+        self._poll.__exit__(*exc)
+        self._files.close()
         self.probe.close()
 
-    def _run(self) -> None:
-        with (
-            self.workers_csv.open("w", newline="") as w,
-            self.connections_csv.open("w", newline="") as c,
-        ):
-            workers = _writer(w, WORKER_COLUMNS)
-            conns = _writer(c, CONNECTION_COLUMNS)
-            while not self._stop.is_set():
-                began = time.monotonic()
-                elapsed = began - self.started
-                for sample in sample_workers(self.harness, elapsed):
-                    workers.writerow(asdict(sample))
-                bouncer, postgres = self.probe.read()
-                conns.writerow(
-                    {
-                        "elapsed_s": round(elapsed, 2),
-                        **{k: (bouncer or {}).get(k) for k in CONNECTION_COLUMNS[1:7]},
-                        "pg_client_backends": (postgres or {}).get("pg_client_backends"),
-                    }
-                )
-                w.flush()
-                c.flush()
-                self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+    def _sample(self) -> None:
+        elapsed = time.monotonic() - self.started
+        for sample in sample_workers(self.harness, elapsed):
+            self._workers.writerow(asdict(sample))
+        bouncer, postgres = self.probe.read()
+        self._conns.writerow(
+            {
+                "elapsed_s": round(elapsed, 2),
+                **{k: (bouncer or {}).get(k) for k in CONNECTION_COLUMNS[1:7]},
+                "pg_client_backends": (postgres or {}).get("pg_client_backends"),
+            }
+        )
+        self._w.flush()
+        self._c.flush()
 
 
 def _writer(f: TextIO, columns: tuple[str, ...]) -> csv.DictWriter[str]:

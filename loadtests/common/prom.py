@@ -56,3 +56,13 @@ class Scrape:
     def by_pid(self, family: str, suffix: str = "") -> dict[str, float]:
         """pid label -> value, for a per-worker gauge (samples without a pid left out)."""
         return {s.labels["pid"]: s.value for s in self.samples(family, suffix) if "pid" in s.labels}
+
+    def gauges_by_pid(self, prefix: str) -> dict[str, dict[str, float]]:
+        """pid -> {family: value} for every per-worker gauge whose name starts with
+        `prefix` (counters' `_total` samples are not the family's name, so left out)."""
+        found: dict[str, dict[str, float]] = {}
+        for family in self.families:
+            if family.startswith(prefix):
+                for pid, value in self.by_pid(family).items():
+                    found.setdefault(pid, {})[family] = value
+        return found

@@ -210,13 +210,8 @@ class Harness:
     def pool_gauges(self, index: int) -> dict[int, dict[str, float]]:
         """Each worker's pool gauges on replica `index` now: {pid: {metric: value}}
         (`pgscale_pool_connections_available`, `..._in_use`, `..._requests_waiting`, ...)."""
-        scrape = Scrape.get(self.replica(index).metrics_url)
-        gauges: dict[int, dict[str, float]] = {}
-        for family in scrape.families:
-            if family.startswith("pgscale_pool_"):
-                for pid, value in scrape.by_pid(family).items():  # gauges: pid-labelled
-                    gauges.setdefault(int(pid), {})[family] = value
-        return gauges
+        gauges = Scrape.get(self.replica(index).metrics_url).gauges_by_pid("pgscale_pool_")
+        return {int(pid): values for pid, values in gauges.items()}
 
     def every_replica_ready(self, streak: int | None = None) -> bool:
         """Each replica's own /readyz (on its port, not through haproxy) answers 200

@@ -21,10 +21,11 @@ from infra.localstack import procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.replicas import Replica
 from loadtests.common.poll import Poll
+from loadtests.common.prom import Scrape
 from service.db import Database
 from service.pool import PoolKeeper
 from service.settings import Settings
-from tests.support.stack import APP, Databases, StartService, make_items, metric_samples
+from tests.support.stack import APP, Databases, StartService, make_items
 
 pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped until pools give up
 
@@ -58,26 +59,32 @@ def health_checks(url: str) -> Poll[int | None]:
     return Poll(lambda: procs.http_status(f"{url}/readyz", timeout=5), 0.25)
 
 
-def per_worker(replica: Replica, name: str) -> dict[str, float]:
-    """pid -> value: a gauge, or a per-worker counter (asked by its `_total` name)."""
+def per_worker(replica: Replica, name: str, scrape: Scrape | None = None) -> dict[str, float]:
+    """pid -> value: a gauge, or a per-worker counter (asked by its `_total` name), from
+    `scrape` or a new reading of the replica's metrics."""
+    scrape = scrape or Scrape.get(replica.metrics_url)
     if name.endswith("_total"):
-        return metric_samples(replica.metrics_url, name.removesuffix("_total"), "_total")
-    return metric_samples(replica.metrics_url, name)
+        return scrape.by_pid(name.removesuffix("_total"), "_total")
+    return scrape.by_pid(name)
 
 
-def every_worker(replica: Replica, name: str, test: float | None = None) -> bool:
+def every_worker(
+    replica: Replica, name: str, test: float | None = None, scrape: Scrape | None = None
+) -> bool:
     """Whether all WORKERS workers report `name`, and each value passes `test`."""
-    values = per_worker(replica, name)
+    values = per_worker(replica, name, scrape)
     return len(values) == WORKERS and all(
         (v > 0 if test is None else v == test) for v in values.values()
     )
 
 
 def serving(replica: Replica) -> bool:
-    """Every worker's pool holds an idle connection, and no probe finds the path down."""
-    return every_worker(replica, "pgscale_pool_connections_available") and every_worker(
-        replica, "pgscale_pool_database_down", test=0
-    )
+    """Every worker's pool holds an idle connection, and no probe finds the path down
+    (both from one reading of the replica's metrics)."""
+    scrape = Scrape.get(replica.metrics_url)
+    return every_worker(
+        replica, "pgscale_pool_connections_available", scrape=scrape
+    ) and every_worker(replica, "pgscale_pool_database_down", test=0, scrape=scrape)
 
 
 def test_an_outage_past_the_reconnect_timeout_heals_without_a_restart(

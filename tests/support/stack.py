@@ -92,10 +92,9 @@ def stopped(bouncer: PgBouncer) -> Iterator[None]:
         bouncer.start()
 
 
-def metric_samples(url: str, name: str, suffix: str = "") -> dict[str, float]:
-    """pid -> value of one per-worker metric on a replica's metrics port: a gauge, or
-    with `suffix="_total"` a counter with a pid label."""
-    return Scrape.get(url).by_pid(name, suffix)
+def metric_samples(url: str, name: str) -> dict[str, float]:
+    """pid -> value of one gauge on a replica's metrics port."""
+    return Scrape.get(url).by_pid(name)
 
 
 def counter_total(url: str, name: str) -> float:

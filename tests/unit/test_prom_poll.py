@@ -34,6 +34,10 @@ def test_scrape_reads_gauges_by_pid_counters_and_histogram_parts() -> None:
     assert scrape.total("pgscale_db_requests_per_statement", "_sum", statement="visits") == 9.0
     assert scrape.total("pgscale_db_requests_per_statement", "_count") == 8.0
     assert scrape.total("pgscale_missing") == 0
+    assert scrape.gauges_by_pid("pgscale_pool_") == {
+        "11": {"pgscale_pool_connections": 2.0},
+        "12": {"pgscale_pool_connections": 3.0},
+    }
 
 
 def test_poll_keeps_every_reading_until_the_block_ends() -> None:
