@@ -34,7 +34,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import AsyncConnection, BaseConnection
@@ -168,16 +168,12 @@ async def open_pool(pool: Pool, settings: Settings) -> None:
     logger.info("pool %r ready (min=%d, max=%d)", pool.name, pool.min_size, pool.max_size)
 
 
-class PoolHealth:
-    """What one keeper tick saw of the pool, for the metrics."""
+class PoolHealth(NamedTuple):
+    """What one keeper tick saw of the pool, for the metrics: the pool's statistics
+    since the last tick (`pop_stats`), and how long it has been without a connection."""
 
-    __slots__ = ("attempts", "failures", "stats", "without_connection")
-
-    def __init__(self, stats: dict[str, int], without_connection: float) -> None:
-        self.stats = stats
-        self.attempts = stats.get("connections_num", 0)
-        self.failures = stats.get("connections_errors", 0)
-        self.without_connection = without_connection
+    stats: dict[str, int]
+    without_connection: float
 
 
 class PoolKeeper:
@@ -217,8 +213,7 @@ class PoolKeeper:
     def _reconnect_failed(self, pool: Pool) -> None:
         # psycopg_pool stopped retrying one connection after POOL_RECONNECT_TIMEOUT.
         self.gave_up_connections += 1
-        self._failing = True
-        logger.warning("pool %r gave a connection up after its reconnect timeout", pool.name)
+        self._failing = True  # psycopg_pool logs it itself (a warning of psycopg.pool)
 
     async def open(self) -> None:
         """Open the first pool, waiting for POOL_MIN connections (a bad DSN fails fast)."""
