@@ -43,6 +43,11 @@ class StackSettings(DeploymentSettings):
     pgbouncer_exporter_port: int = Field(default=9127, description="The PgBouncer exporter.")
     postgres_exporter_port: int = Field(default=9187, description="The PostgreSQL exporter.")
 
+    db_tls: bool = Field(
+        default=True,
+        description="TLS on every database hop (false: plain TCP, only to measure its cost).",
+    )
+
     pgbouncer_server_login_retry: int = Field(
         default=1, ge=1, description="Seconds before retrying a failed server login."
     )

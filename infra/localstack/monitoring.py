@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.localstack import procs
+from infra.localstack.certs import TlsFiles
 from infra.localstack.config import REPO
 from infra.localstack.render import INFRA, render, write_private
 
@@ -81,6 +82,7 @@ class PgBouncerExporter(Daemon):
     pgbouncer_port: int = 6432
     stats_user: str = ""
     stats_password: str = ""
+    tls: TlsFiles | None = None
 
     @property
     def config(self) -> Path:
@@ -97,6 +99,8 @@ class PgBouncerExporter(Daemon):
                 "PGBOUNCER_HOST": "127.0.0.1",
                 "PGBOUNCER_PORT": self.pgbouncer_port,
                 "PGBOUNCER_NAME": "pgbouncer-1",
+                "PGBOUNCER_SSLMODE": "verify-full" if self.tls else "disable",
+                "TLS_DIR": self.tls.directory if self.tls else "",
             },
         )
         write_private(self.config, text)
