@@ -24,8 +24,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from infra.localstack import procs
-
 VALIDITY = dt.timedelta(days=365)
 CA_VALIDITY = dt.timedelta(days=3650)
 RENEW_WITHIN = dt.timedelta(days=30)
@@ -120,6 +118,8 @@ def for_servers(directory: Path, *, app_role: str = "app") -> tuple[TlsFiles, bo
 
     The CA's key stays with the caller: nothing that serves needs it.
     """
+    from infra.localstack import procs  # here: containers run this module without it
+
     files, made = ensure(directory, app_role=app_role)
     procs.hand_to_service_user(*(p for p in files.all_files() if p != files.ca_key))
     return files, made
@@ -217,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--name", action="append", default=[], help="another server name (SAN)")
     parser.add_argument("--app-role", default="app", help="common name of PgBouncer's client pair")
-    parser.add_argument("--owner", type=int, help="uid:gid owner of every file (numeric uid)")
+    parser.add_argument("--owner", type=int, help="numeric uid (and gid) to own the pairs")
     args = parser.parse_args(argv)
     files, made = ensure(args.directory, app_role=args.app_role, names=tuple(args.name))
-    if args.owner is not None:
+    if args.owner is not None:  # the servers' user; the CA key stays root's
         for path in files.all_files():
-            os.chown(path, args.owner, args.owner)
+            if path != files.ca_key:
+                os.chown(path, args.owner, args.owner)
     print(f"certificates {'made' if made else 'kept'} in {files.directory}", file=sys.stderr)
     return 0
 

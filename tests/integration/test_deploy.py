@@ -131,6 +131,12 @@ def test_render_config_refuses_an_unset_placeholder(tmp_path: Path) -> None:
 def test_render_config_concatenates_templates_then_execs(tmp_path: Path) -> None:
     """pg_hba.conf in containers is infra's rules plus the network line, then the program."""
     out = tmp_path / "run" / "pg_hba.conf"
+    hba = {
+        "POSTGRES_CLIENT_NETWORK": "samenet",
+        "APP_USER": "app",
+        "POSTGRES_HBA_HOST": "hostssl",
+        "POSTGRES_HBA_APP_OPTIONS": "clientcert=verify-full",
+    }
     result = run(
         "sh",
         RENDER_CONFIG,
@@ -141,13 +147,14 @@ def test_render_config_concatenates_templates_then_execs(tmp_path: Path) -> None
         "--",
         "cat",
         out,
-        env={"PATH": os.environ["PATH"], "POSTGRES_CLIENT_NETWORK": "samenet"},
+        env={"PATH": os.environ["PATH"], **hba},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (INFRA / "postgres" / "pg_hba.conf").read_text() + render(
-        "docker/pg_hba-network.conf", {"POSTGRES_CLIENT_NETWORK": "samenet"}
+    assert result.stdout == render("postgres/pg_hba.conf", hba) + render(
+        "docker/pg_hba-network.conf", hba
     )
-    assert "host    all       all   samenet  scram-sha-256" in result.stdout
+    assert "hostssl  all  all          samenet  scram-sha-256" in result.stdout
+    assert "hostssl  all  app  samenet  scram-sha-256  clientcert=verify-full" in result.stdout
 
 
 # ---- the API image ---------------------------------------------------------------------
@@ -329,6 +336,31 @@ def test_compose_check_fails_on_a_wrong_pool_mode(tmp_path: Path, compose_model:
     assert any("pool_mode = session" in p for p in compose.problems(model))
 
 
+@pytest.mark.parametrize(
+    ("service", "variable", "weak"),
+    [
+        ("api", "DB_SSLMODE", "prefer"),
+        ("api", "DATABASE_URL", "postgresql://app@pgbouncer:6432/app?sslmode=disable"),
+        ("migrate", "DATABASE_URL", "postgresql://app@postgres:5432/app?sslmode=allow"),
+        ("pgbouncer", "PGBOUNCER_CLIENT_TLS_SSLMODE", "allow"),
+        ("pgbouncer", "PGBOUNCER_SERVER_TLS_SSLMODE", "prefer"),
+        ("postgres", "POSTGRES_SSL", "off"),
+        ("postgres", "POSTGRES_HBA_HOST", "host"),
+        ("pgbouncer-exporter", "PGBOUNCER_SSLMODE", "disable"),
+        ("postgres-exporter", "DATA_SOURCE_URI", "postgres:5432/postgres?sslmode=disable"),
+        ("locust-master", "SAMPLER_PGBOUNCER_URL", "host=pgbouncer dbname=pgbouncer"),
+    ],
+)
+def test_compose_check_fails_on_a_hop_left_in_plain_text(
+    compose_model: Any, service: str, variable: str, weak: str
+) -> None:
+    model = copy.deepcopy(compose_model)
+    model["services"][service]["environment"][variable] = weak
+    [problem] = compose.problems(model)
+    assert "can run this hop in plain text" in problem
+    assert service in problem
+
+
 def test_compose_api_is_scalable_and_gated(compose_model: Any) -> None:
     services = compose_model["services"]
     assert not any("container_name" in service for service in services.values())
@@ -341,10 +373,14 @@ def test_compose_api_is_scalable_and_gated(compose_model: Any) -> None:
     assert "healthcheck" in services["postgres"]
     assert "healthcheck" in services["pgbouncer"]
     assert compose.environment(compose_model, "api")["DATABASE_URL"].endswith("@pgbouncer:6432/app")
-    # Migrations go straight to PostgreSQL: they set the role's statement_timeout.
-    assert compose.environment(compose_model, "migrate")["DATABASE_URL"].endswith(
-        "@postgres:5432/app"
-    )
+    # Migrations go straight to PostgreSQL (they set the role's statement_timeout), with
+    # the client pair pg_hba.conf asks of the application role there.
+    migrate_url = compose.environment(compose_model, "migrate")["DATABASE_URL"]
+    assert "@postgres:5432/app?sslcert=" in migrate_url
+    assert services["migrate"]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert services["postgres"]["depends_on"]["certs"] == {
+        "condition": "service_completed_successfully"
+    }
     for name in ("locust-master", "locust-worker"):
         assert services[name]["profiles"] == ["loadtest"]
 
