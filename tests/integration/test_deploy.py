@@ -44,6 +44,7 @@ DOCKER = INFRA / "docker"
 RENDER_CONFIG = DOCKER / "render-config"
 K8S_VERSION = "1.32.0"  # the image's kubectl
 CRD_KINDS = {"PodMonitor", "PrometheusRule"}  # no schema in kubernetes-validate
+CERT_MANAGER_KINDS = {"Certificate", "Issuer"}  # nor for these (components/cert-manager)
 PROMETHEUS_YML = INFRA / "prometheus" / "prometheus.yml"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -650,6 +651,9 @@ def test_overlay_objects_are_valid_kubernetes(docs: list[Manifest]) -> None:
             assert doc["apiVersion"] == "monitoring.coreos.com/v1"
             crds.add(doc["kind"])
             continue
+        if doc["kind"] in CERT_MANAGER_KINDS:
+            assert doc["apiVersion"] == "cert-manager.io/v1"
+            continue
         kv.validate(doc, K8S_VERSION, strict=True)
     assert crds == CRD_KINDS
 
@@ -664,6 +668,39 @@ def test_validation_rejects_a_misspelt_field(docs: list[Manifest]) -> None:
 
 def test_overlay_passes_the_budget_and_pgbouncer_checks(docs: list[Manifest]) -> None:
     assert k8s.overlay_problems(docs) == []
+
+
+def test_k8s_check_fails_on_a_hop_left_in_plain_text(docs: list[Manifest]) -> None:
+    tls = next(d for d in docs if d["metadata"]["name"].startswith("pgscale-tls"))
+    tls["data"]["PGBOUNCER_SERVER_TLS_SSLMODE"] = "prefer"
+    exporter = next(d for d in docs if d["metadata"]["name"].startswith("postgres-exporter"))
+    exporter["data"]["DATA_SOURCE_URI"] = "postgres:5432/postgres?sslmode=disable"
+    found = k8s.overlay_problems(docs)
+    assert [p.split(":")[0] for p in found] == [
+        "pgbouncer -> postgres (PGBOUNCER_SERVER_TLS_SSLMODE)",
+        "postgres-exporter -> postgres",
+    ], found
+
+
+def test_k8s_tls_secrets_are_the_ones_cert_manager_makes(docs: list[Manifest]) -> None:
+    """Every Secret a pod mounts for TLS is one a Certificate writes (dev), or one the
+    operator creates (prod, which has no Certificates)."""
+    mounted = {
+        source["secret"]["name"]
+        for _, template in pod_templates(docs)
+        for volume in template["spec"].get("volumes", [])
+        for source in volume.get("projected", {}).get("sources", [])
+        if "secret" in source
+    } | {
+        volume["secret"]["secretName"]
+        for _, template in pod_templates(docs)
+        for volume in template["spec"].get("volumes", [])
+        if "secret" in volume
+    }
+    assert {"pgscale-tls-pgbouncer", "pgscale-tls-pgbouncer-client"} <= mounted
+    written = {d["spec"]["secretName"] for d in docs if d["kind"] == "Certificate"}
+    if written:
+        assert mounted <= written | {"pgscale-db"}, mounted - written
 
 
 def test_budget_check_fails_when_max_replicas_exceeds_the_budget(docs: list[Manifest]) -> None:
@@ -937,7 +974,8 @@ def test_pods_meet_the_restricted_pod_security_standard(docs: list[Manifest]) ->
         assert not pod.get("hostPID"), name
         assert pod.get("automountServiceAccountToken") is False, name
         for volume in pod.get("volumes", []):
-            assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret"}, name
+            # The volume types the restricted standard allows that these pods use.
+            assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret", "projected"}, name
         for item in pod["containers"] + pod.get("initContainers", []):
             security = item["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, (name, item["name"])
