@@ -31,6 +31,9 @@ class Postgres:
     superuser_reserved: int = 3
     tls: TlsFiles | None = None  # None: plain TCP, only to measure what TLS costs
     app_role: str = "app"  # admitted over the network only with PgBouncer's client cert
+    # False: plain TCP admitted beside TLS, and no client certificate asked (the
+    # benchmark's TLS-off PgBouncer shares this server). Never in a deployment.
+    tls_only: bool = True
 
     @property
     def data(self) -> Path:
@@ -84,10 +87,11 @@ class Postgres:
                 "TLS_DIR": self.tls.directory if self.tls else "",
             },
         )
+        tls_only = self.tls is not None and self.tls_only
         hba = {
             "APP_USER": self.app_role,
-            "POSTGRES_HBA_HOST": "hostssl" if self.tls else "host",
-            "POSTGRES_HBA_APP_OPTIONS": "clientcert=verify-full" if self.tls else "",
+            "POSTGRES_HBA_HOST": "hostssl" if tls_only else "host",
+            "POSTGRES_HBA_APP_OPTIONS": "clientcert=verify-full" if tls_only else "",
         }
         write_private(self.data / "pgscale.conf", conf)
         write_private(self.data / "pg_hba.conf", render("postgres/pg_hba.conf", hba))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,8 +26,8 @@ class CPUMeter:
 
     TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, bouncer_pid_file: Path, postgres_pid_file: Path) -> None:
-        self.bouncer_pid_file = bouncer_pid_file
+    def __init__(self, bouncer_pid_files: Sequence[Path], postgres_pid_file: Path) -> None:
+        self.bouncer_pid_files = bouncer_pid_files
         self.postgres_pid_file = postgres_pid_file
 
     @classmethod
@@ -42,7 +42,7 @@ class CPUMeter:
     def _read(self, master: int | None) -> dict[str, dict[int, float]]:
         groups: dict[str, list[int]] = {
             "workers": worker_pids(master) if master else [],
-            "pgbouncer": [p for p in [procs.read_pid(self.bouncer_pid_file)] if p],
+            "pgbouncer": [p for p in map(procs.read_pid, self.bouncer_pid_files) if p],
         }
         postmaster = procs.read_pid(self.postgres_pid_file)
         groups["postgres"] = [postmaster, *worker_pids(postmaster)] if postmaster else []

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
-from infra.localstack import procs
+from infra.localstack import certs, procs
 from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
@@ -51,6 +52,7 @@ class Rig:
     password: str
     postgres: Postgres
     bouncer: PgBouncer
+    plain_bouncer: PgBouncer  # no TLS on either side: what TLS costs
     replicas: dict[Config, Replica]
     footprints: dict[Config, Footprint]
     lua: dict[Endpoint, Path]
@@ -62,7 +64,9 @@ class Rig:
         return self.bouncer.app_conninfo(APP)
 
     def meter(self) -> CPUMeter:
-        return CPUMeter(self.bouncer.pid_file, self.postgres.pid_file)
+        """Both PgBouncers count: only the one a run goes through is busy."""
+        bouncers = (self.bouncer.pid_file, self.plain_bouncer.pid_file)
+        return CPUMeter(bouncers, self.postgres.pid_file)
 
 
 @contextmanager
@@ -73,47 +77,60 @@ def rig() -> Iterator[Rig]:
     """
     scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
     scratch.chmod(0o755)
-    # PostgreSQL, PgBouncer, then each configuration's replica port and metrics port.
-    base = procs.free_port_block(2 + 2 * len(REPLICA_SETTINGS))
-    metrics_base = base + 1 + len(REPLICA_SETTINGS)
+    # PostgreSQL, the two PgBouncers, then each configuration's replica and metrics port.
+    base = procs.free_port_block(3 + 2 * len(REPLICA_SETTINGS))
+    ports = base + 2  # replica i: ports + i; its metrics: metrics_base + i
+    metrics_base = ports + len(REPLICA_SETTINGS)
     password = secrets.token_urlsafe(16)
-    pg = Postgres(scratch / "postgres", base, max_connections=100)
-    bouncer = PgBouncer(
-        scratch / "pgbouncer",
-        base + 1,
-        pg.port,
-        APP,
-        users={APP: password},
-        admin_password=secrets.token_urlsafe(16),
-        default_pool_size=20,
-    )
+    tls, _ = certs.for_servers(scratch / "tls", app_role=APP)
+    # TLS as deployed, but plain TCP admitted too, for the TLS-off PgBouncer beside.
+    pg = Postgres(scratch / "postgres", base, max_connections=100, tls=tls, tls_only=False)
+    bouncers = [
+        PgBouncer(
+            scratch / name,
+            port,
+            pg.port,
+            APP,
+            users={APP: password},
+            admin_password=secrets.token_urlsafe(16),
+            default_pool_size=20,
+            tls=files,
+        )
+        for name, port, files in (("pgbouncer", base + 1, tls), ("pgbouncer-plain", base + 2, None))
+    ]
     lua, sql = write_scripts(scratch)
-    started = Rig(scratch, password, pg, bouncer, {}, {}, lua, sql)
+    started = Rig(scratch, password, pg, bouncers[0], bouncers[1], {}, {}, lua, sql)
     try:
-        direct_url = start_databases(pg, bouncer, password)
+        direct_url = start_databases(pg, bouncers, password)
         for i, config in enumerate(REPLICA_SETTINGS, start=1):
-            url = direct_url if config is Config.DIRECT else started.pooled_url
+            url = {
+                Config.DIRECT: direct_url,
+                Config.PLAIN: started.plain_bouncer.app_conninfo(APP),
+            }.get(config, started.pooled_url)
             env = {**COMMON, "DATABASE_URL": url, **REPLICA_SETTINGS[config]}
-            replica = Replica(scratch / "replicas", i, base + 1 + i, metrics_base + i, env)
+            replica = Replica(scratch / "replicas", i, ports + i, metrics_base + i, env)
             started.replicas[config] = replica
             started.footprints[config] = start_replica(config, replica)
         yield started
     finally:
         for replica in started.replicas.values():
             replica.stop()
-        bouncer.stop()
+        for bouncer in bouncers:
+            bouncer.stop()
         pg.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def start_databases(pg: Postgres, bouncer: PgBouncer, password: str) -> str:
-    """PostgreSQL with the application's role, database and seeded schema, then
-    PgBouncer in front of it; returns the direct URL."""
+def start_databases(pg: Postgres, bouncers: list[PgBouncer], password: str) -> str:
+    """PostgreSQL with the application's role, database and seeded schema, then the
+    PgBouncers in front of it; returns the direct URL (TLS, with the client pair)."""
     pg.init()
     pg.start()
     pg.ensure_role(APP, password)
     pg.ensure_database(APP, APP)
     direct_url = f"postgresql://{APP}:{password}@127.0.0.1:{pg.port}/{APP}"
+    if pg.tls:
+        direct_url += f"?{urlencode(pg.tls.libpq(client_cert=True))}"
     subprocess.run(
         [sys.executable, "-m", "service.migrate", "--seed", str(SEED_ITEMS)],
         env={**os.environ, "DATABASE_URL": direct_url},
@@ -121,7 +138,8 @@ def start_databases(pg: Postgres, bouncer: PgBouncer, password: str) -> str:
         check=True,
         capture_output=True,
     )
-    bouncer.start()
+    for bouncer in bouncers:
+        bouncer.start()
     return direct_url
 
 
