@@ -107,6 +107,9 @@ class FaultStack(Stack):
             f"@127.0.0.1:{self.proxy_port}/{APP_DATABASE}"
         )
         known = {k: v for k, v in self.tuning.service().items() if k in Settings.model_fields}
+        # TLS through the proxy as without it: the proxy only forwards bytes.
+        tls = self.client_tls()
+        known |= {"db_sslmode": tls["sslmode"], "db_sslrootcert": tls.get("sslrootcert")}
         return Settings(database_url=url, **known)  # type: ignore[arg-type]
 
     def unknown_to_service(self) -> dict[str, str]:
