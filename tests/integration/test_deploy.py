@@ -575,6 +575,9 @@ def test_postgres_init_creates_the_roles_the_local_stack_creates(databases: Data
             dbname="deploy_db",
         ) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("deploy_app",)
+            # Its own public schema only: no schema or temporary table beside it.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE SCHEMA intruder")
     finally:
         with psycopg.connect(pg.superuser_conninfo(), autocommit=True) as conn:
             conn.execute("DROP DATABASE IF EXISTS deploy_db")
