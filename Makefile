@@ -58,12 +58,15 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The workers x replicas sweep, with and without PgBouncer (about 8 minutes by default).
+# The workers x replicas (x PgBouncer instances) sweep, with and without PgBouncer
+# (about 12 minutes by default).
 WORKERS_GRID ?= 1 2 4
 REPLICAS_GRID ?= 1 2 3
+INSTANCES_GRID ?= 1 2
 DURATION ?= 20
 sweep: setup
-	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) --duration $(DURATION)
+	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) \
+	  --instances $(INSTANCES_GRID) --duration $(DURATION)
 
 # Throughput and latency with baselines side by side (about 11 minutes by default).
 bench: setup

@@ -14,7 +14,8 @@ from loadtests.sweep.plan import Mode
 
 
 def _label(cell: Cell) -> str:
-    return f"W{cell.workers}xR{cell.replicas}"
+    several = f"xB{cell.pgbouncer_instances}" if cell.pgbouncer_instances > 1 else ""
+    return f"W{cell.workers}xR{cell.replicas}{several}"
 
 
 def charts(cells: list[Cell], out: Path) -> list[str]:
