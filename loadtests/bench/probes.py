@@ -20,8 +20,9 @@ FLUSH_WAIT_S = 1.2  # a little over the replicas' POOL_STATS_INTERVAL (1 s)
 class CPUMeter:
     """CPU seconds (user + system) spent by each group of processes during a run.
 
-    Groups: a replica's workers (children of its gunicorn master), PgBouncer, every
-    PostgreSQL process, and our own child processes (wrk or pgbench, from rusage).
+    Groups: a replica's workers (children of its gunicorn master), PgBouncer (every
+    instance), every PostgreSQL process, and our own child processes (wrk or pgbench,
+    from rusage).
     """
 
     TICK = os.sysconf("SC_CLK_TCK")

@@ -1,4 +1,5 @@
-"""The servers under test: one PostgreSQL, one PgBouncer, and a replica per configuration.
+"""The servers under test: one PostgreSQL, two PgBouncers (the second for the runs that
+measure what it buys), and a replica per configuration.
 
 All of them start before the first run, so every configuration is measured in the same
 conditions, and all stop (by recorded pid) when the block ends, whatever happened.
@@ -51,7 +52,7 @@ class Rig:
     scratch: Path
     password: str
     postgres: Postgres
-    bouncer: PgBouncer
+    bouncers: list[PgBouncer]  # TLS; the first serves every configuration; both, two-bouncers
     plain_bouncer: PgBouncer  # no TLS on either side: what TLS costs
     replicas: dict[Config, Replica]
     footprints: dict[Config, Footprint]
@@ -59,14 +60,25 @@ class Rig:
     sql: dict[Endpoint, Path]
 
     @property
+    def bouncer(self) -> PgBouncer:
+        return self.bouncers[0]
+
+    @property
     def pooled_url(self) -> str:
         """The application's libpq URL through PgBouncer."""
         return self.bouncer.app_conninfo(APP)
 
+    @property
+    def two_bouncers_url(self) -> str:
+        """Through either PgBouncer, picked at random per connection (as make up does)."""
+        hosts = ",".join(f"127.0.0.1:{b.port}" for b in self.bouncers)
+        tls = urlencode(self.bouncer.client_tls())
+        return f"postgresql://{APP}:{self.password}@{hosts}/{APP}?load_balance_hosts=random&{tls}"
+
     def meter(self) -> CPUMeter:
-        """Both PgBouncers count: only the one a run goes through is busy."""
-        bouncers = (self.bouncer.pid_file, self.plain_bouncer.pid_file)
-        return CPUMeter(bouncers, self.postgres.pid_file)
+        """Every PgBouncer counts: only the ones a run goes through are busy."""
+        pid_files = [b.pid_file for b in (*self.bouncers, self.plain_bouncer)]
+        return CPUMeter(pid_files, self.postgres.pid_file)
 
 
 @contextmanager
@@ -77,36 +89,43 @@ def rig() -> Iterator[Rig]:
     """
     scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
     scratch.chmod(0o755)
-    # PostgreSQL, the two PgBouncers, then each configuration's replica and metrics port.
-    base = procs.free_port_block(3 + 2 * len(REPLICA_SETTINGS))
-    ports = base + 2  # replica i: ports + i; its metrics: metrics_base + i
+    # PostgreSQL, two PgBouncers with TLS and one without, then each configuration's
+    # replica port and metrics port.
+    base = procs.free_port_block(4 + 2 * len(REPLICA_SETTINGS))
+    ports = base + 3  # replica i: ports + i; its metrics: metrics_base + i
     metrics_base = ports + len(REPLICA_SETTINGS)
     password = secrets.token_urlsafe(16)
+    admin_password = secrets.token_urlsafe(16)
     tls, _ = certs.for_servers(scratch / "tls", app_role=APP)
     # TLS as deployed, but plain TCP admitted too, for the TLS-off PgBouncer beside.
     pg = Postgres(scratch / "postgres", base, max_connections=100, tls=tls, tls_only=False)
-    bouncers = [
-        PgBouncer(
-            scratch / name,
+
+    def bouncer(root: str, port: int, name: str, files: certs.TlsFiles | None) -> PgBouncer:
+        return PgBouncer(
+            scratch / root,
             port,
             pg.port,
             APP,
             users={APP: password},
-            admin_password=secrets.token_urlsafe(16),
+            admin_password=admin_password,
             default_pool_size=20,
+            name=name,
             tls=files,
         )
-        for name, port, files in (("pgbouncer", base + 1, tls), ("pgbouncer-plain", base + 2, None))
-    ]
+
+    bouncers = [bouncer("pgbouncer", base + i, f"pgbouncer-{i}", tls) for i in (1, 2)]
+    plain = bouncer("pgbouncer-plain", base + 3, "pgbouncer-plain", None)
     lua, sql = write_scripts(scratch)
-    started = Rig(scratch, password, pg, bouncers[0], bouncers[1], {}, {}, lua, sql)
+    started = Rig(scratch, password, pg, bouncers, plain, {}, {}, lua, sql)
+    urls = {
+        Config.TWO_BOUNCERS: started.two_bouncers_url,
+        Config.PLAIN: plain.app_conninfo(APP),
+    }
     try:
-        direct_url = start_databases(pg, bouncers, password)
+        direct_url = start_databases(pg, [*bouncers, plain], password)
+        urls[Config.DIRECT] = direct_url
         for i, config in enumerate(REPLICA_SETTINGS, start=1):
-            url = {
-                Config.DIRECT: direct_url,
-                Config.PLAIN: started.plain_bouncer.app_conninfo(APP),
-            }.get(config, started.pooled_url)
+            url = urls.get(config, started.pooled_url)
             env = {**COMMON, "DATABASE_URL": url, **REPLICA_SETTINGS[config]}
             replica = Replica(scratch / "replicas", i, ports + i, metrics_base + i, env)
             started.replicas[config] = replica
@@ -115,8 +134,8 @@ def rig() -> Iterator[Rig]:
     finally:
         for replica in started.replicas.values():
             replica.stop()
-        for bouncer in bouncers:
-            bouncer.stop()
+        for each in (*bouncers, plain):
+            each.stop()
         pg.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
