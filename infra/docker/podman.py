@@ -1,0 +1,379 @@
+"""compose.yaml under Podman, with no Docker and no registry: `python -m infra.docker.podman`.
+
+What `make compose-test` needs before it brings the stack up, each step idempotent:
+
+- `setup`: Podman, runc, debootstrap and the DNS plugin from Debian when missing, and
+  /etc/containers/containers.conf when it lacks what this machine needs (crun cannot
+  raise RLIMIT_NOFILE/RLIMIT_NPROC without CAP_SYS_RESOURCE, so runc, with ulimits the
+  host can grant). A containers.conf that already says something else is left alone.
+- `images`: a Debian base made by debootstrap and `podman import` (kept once made), a
+  Python base on it, the project's images from infra/docker/Dockerfile built on that
+  (its PYTHON_IMAGE build argument), and local stand-ins for the upstream images
+  compose names (infra/docker/standins/), tagged with the names `ENV` points compose's
+  image variables at.
+
+Nothing is pulled: no registry is reachable from here. Grafana has no Debian package
+and no stand-in; the stack runs without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from infra.localstack.procs import wait_until
+
+REPO = Path(__file__).resolve().parent.parent.parent
+STANDINS = REPO / "infra" / "docker" / "standins"
+CONTAINERS_CONF = Path("/etc/containers/containers.conf")
+# compose.yaml's few changes for Podman (tmpfs mounts Podman makes itself).
+OVERRIDE = REPO / "infra" / "docker" / "compose.podman.yaml"
+# What the host trusts: the Python base takes it, so pip inside builds does too.
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+# What the set-up installs: runc for the runtime, the dnsname CNI plugin for
+# service-name DNS on compose's network, debootstrap for the base image.
+APT_PACKAGES = (
+    "podman",
+    "runc",
+    "debootstrap",
+    "golang-github-containernetworking-plugin-dnsname",
+)
+SUITE = "bookworm"
+BASE_IMAGE = f"localhost/debian:{SUITE}"
+PYTHON_IMAGE = f"localhost/pgscale-python:{SUITE}"
+
+# compose.yaml's image variables, pointed at what this module builds.
+ENV = {
+    "API_IMAGE": "localhost/pgscale-api:podman",
+    "PGBOUNCER_EXPORTER_IMAGE": "localhost/pgscale-pgbouncer-exporter:podman",
+    "POSTGRES_IMAGE": "localhost/pgscale-standin-postgres:podman",
+    "PGBOUNCER_IMAGE": "localhost/pgscale-standin-pgbouncer:podman",
+    "HAPROXY_IMAGE": "localhost/pgscale-standin-haproxy:podman",
+    "POSTGRES_EXPORTER_IMAGE": "localhost/pgscale-standin-postgres-exporter:podman",
+    "PROMETHEUS_IMAGE": "localhost/pgscale-standin-prometheus:podman",
+}
+# Stand-in Dockerfile (under STANDINS) for each upstream image variable.
+STANDIN_FILES = {
+    "POSTGRES_IMAGE": "postgres.Dockerfile",
+    "PGBOUNCER_IMAGE": "pgbouncer.Dockerfile",
+    "HAPROXY_IMAGE": "haproxy.Dockerfile",
+    "POSTGRES_EXPORTER_IMAGE": "postgres-exporter.Dockerfile",
+    "PROMETHEUS_IMAGE": "prometheus.Dockerfile",
+}
+# The services compose-test runs: all but Grafana (no Debian package, no stand-in) and
+# the load-test profile.
+SERVICES = (
+    "postgres",
+    "migrate",
+    "pgbouncer",
+    "api",
+    "lb",
+    "pgbouncer-exporter",
+    "postgres-exporter",
+    "prometheus-targets",
+    "prometheus",
+)
+
+
+def log(message: str) -> None:
+    print(f"podman: {message}", file=sys.stderr, flush=True)
+
+
+def run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """`args`, checked, output passed through unless captured."""
+    return subprocess.run(args, check=True, text=True, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def quiet(*args: str, **kwargs: object) -> None:
+    """`args`, checked, its output shown only when it fails (apt, debootstrap, builds)."""
+    result = subprocess.run(args, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+        raise subprocess.CalledProcessError(result.returncode, args)
+
+
+def _sudo() -> list[str]:
+    return [] if os.geteuid() == 0 else ["sudo"]
+
+
+def missing_packages() -> list[str]:
+    return [
+        p
+        for p in APT_PACKAGES
+        if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0
+    ]
+
+
+def wanted_containers_conf() -> str:
+    """containers.conf for this machine: runc, and ulimits within the hard limits."""
+    hard = subprocess.run(
+        ["sh", "-c", "ulimit -Hn"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return (
+        "# Written by pgscale's infra/docker/podman.py: crun cannot raise RLIMIT_NOFILE or\n"
+        "# RLIMIT_NPROC here (no CAP_SYS_RESOURCE), so runc, with limits the host grants.\n"
+        "[containers]\n"
+        f'default_ulimits = ["nofile={hard}:{hard}", "nproc=32768:32768"]\n'
+        "\n[engine]\n"
+        'runtime = "runc"\n'
+    )
+
+
+def setup() -> None:
+    """Podman and its configuration, installed and written only where missing."""
+    missing = missing_packages()
+    if missing:
+        log(f"installing Debian packages: {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        quiet(*_sudo(), "apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-qq", env=env)
+        quiet(
+            *_sudo(),
+            "apt-get",
+            "-o",
+            "DPkg::Lock::Timeout=600",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            *missing,
+            env=env,
+        )
+    wanted = wanted_containers_conf()
+    if not CONTAINERS_CONF.exists():
+        log(f"writing {CONTAINERS_CONF}")
+        run(*_sudo(), "install", "-d", str(CONTAINERS_CONF.parent))
+        run(*_sudo(), "tee", str(CONTAINERS_CONF), input=wanted, stdout=subprocess.DEVNULL)
+    elif CONTAINERS_CONF.read_text() != wanted:
+        text = CONTAINERS_CONF.read_text()
+        if 'runtime = "runc"' not in text or "default_ulimits" not in text:
+            log(f"{CONTAINERS_CONF} exists and differs; left alone. It may need:\n{wanted}")
+
+
+def image_exists(tag: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", tag]).returncode == 0
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt sources name (deb.debian.org otherwise)."""
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for match in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.M):
+            uri = match[1].rstrip("/")
+            if "security" not in uri and uri.startswith("http"):
+                return uri
+    return "http://deb.debian.org/debian"
+
+
+def base_image() -> None:
+    """localhost/debian:bookworm from debootstrap, unless Podman already holds it."""
+    if image_exists(BASE_IMAGE):
+        log(f"{BASE_IMAGE}: present")
+        return
+    mirror = debian_mirror()
+    log(f"{BASE_IMAGE}: debootstrap --variant=minbase {SUITE} from {mirror}")
+    with tempfile.TemporaryDirectory(prefix="pgscale-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        quiet(*_sudo(), "debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror)
+        tar = subprocess.Popen(
+            [*_sudo(), "tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE
+        )
+        run("podman", "import", "-", BASE_IMAGE, stdin=tar.stdout, stdout=subprocess.DEVNULL)
+        if tar.wait() != 0:
+            raise RuntimeError("tar of the debootstrap root failed")
+        run(*_sudo(), "rm", "-rf", str(rootfs))
+
+
+def build(
+    tag: str,
+    dockerfile: Path,
+    *,
+    target: str | None = None,
+    volumes: tuple[str, ...] = (),
+    **args: str,
+) -> None:
+    """`podman build` from the repository root; Podman's layer cache keeps repeats quick."""
+    log(f"building {tag}")
+    # Docker's image format: OCI's has no HEALTHCHECK, and the replicas' is their gate.
+    command = ["podman", "build", "-q", "--format", "docker", "-f", str(dockerfile), "-t", tag]
+    for volume in volumes:
+        command += ["--volume", volume]
+    if target:
+        command += ["--target", target]
+    for name, value in args.items():
+        command += ["--build-arg", f"{name}={value}"]
+    quiet(*command, str(REPO))
+
+
+def images() -> None:
+    """Every image compose-test runs, on the debootstrap base."""
+    base_image()
+    trust = (f"{HOST_CA}:/run/host-ca.crt:ro",) if HOST_CA.exists() else ()
+    build(PYTHON_IMAGE, STANDINS / "python.Dockerfile", volumes=trust, BASE_IMAGE=BASE_IMAGE)
+    dockerfile = REPO / "infra" / "docker" / "Dockerfile"
+    build(ENV["API_IMAGE"], dockerfile, target="api", PYTHON_IMAGE=PYTHON_IMAGE)
+    build(
+        ENV["PGBOUNCER_EXPORTER_IMAGE"],
+        dockerfile,
+        target="pgbouncer-exporter",
+        PYTHON_IMAGE=PYTHON_IMAGE,
+    )
+    for variable, name in STANDIN_FILES.items():
+        build(ENV[variable], STANDINS / name, BASE_IMAGE=BASE_IMAGE)
+
+
+def podman_compose() -> str:
+    """The podman-compose next to this interpreter (the virtualenv's), else on PATH."""
+    local = Path(sys.executable).parent / "podman-compose"
+    found = str(local) if local.exists() else shutil.which("podman-compose")
+    if not found:
+        raise RuntimeError("podman-compose is not installed (make compose-test installs it)")
+    return found
+
+
+class Compose:
+    """compose.yaml under podman-compose, brought up in the order its gates say.
+
+    podman-compose 1.6 ignores `condition: service_healthy` on Podman before 4.6 and
+    Podman runs no health-check timers without systemd, so `up` starts one stage at a
+    time (`--no-deps`) and polls `podman healthcheck run` (or the one-shot's exit code)
+    before the next: PostgreSQL, the migration, PgBouncer, then the rest. `env` is
+    compose's environment (passwords, ports) on top of this process's; `images` the
+    image variables (`ENV`: the local builds; empty: compose's own defaults).
+    """
+
+    def __init__(
+        self,
+        project: str,
+        env: dict[str, str],
+        *,
+        replicas: int = 2,
+        images: dict[str, str] = ENV,
+    ) -> None:
+        self.project = project
+        self.env = {**os.environ, **images, **env}
+        self.replicas = replicas
+
+    def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        files = ["-f", str(REPO / "compose.yaml"), "-f", str(OVERRIDE)]
+        command = [podman_compose(), "-p", self.project, *files, *args]
+        return subprocess.run(
+            command, env=self.env, cwd=REPO, text=True, check=check, capture_output=True
+        )
+
+    def container(self, service: str, index: int = 1) -> str:
+        return f"{self.project}_{service}_{index}"
+
+    def containers(self, service: str | None = None) -> list[str]:
+        """This project's containers (one service's, when named), by name."""
+        label = [f"label=io.podman.compose.project={self.project}"]
+        if service:
+            label.append(f"label=com.docker.compose.service={service}")
+        filters = [arg for f in label for arg in ("--filter", f)]
+        out = run("podman", "ps", "-a", *filters, "--format", "{{.Names}}", capture_output=True)
+        return sorted(out.stdout.split())
+
+    def healthy(self, container: str) -> bool:
+        return (
+            subprocess.run(
+                ["podman", "healthcheck", "run", container], capture_output=True
+            ).returncode
+            == 0
+        )
+
+    def wait_healthy(self, container: str, timeout: float = 180.0) -> None:
+        """Polls the container's own health check, as a `service_healthy` gate would."""
+        if not wait_until(lambda: self.healthy(container), timeout, interval=1.0):
+            raise RuntimeError(
+                f"{container} not healthy within {timeout:.0f} s\n{self.logs(container)}"
+            )
+
+    def logs(self, container: str) -> str:
+        out = subprocess.run(
+            ["podman", "logs", "--tail", "30", container], capture_output=True, text=True
+        )
+        return out.stdout + out.stderr
+
+    def start(self, *services: str, scale: int | None = None) -> None:
+        args = ["up", "-d", "--no-deps"]
+        if scale is not None:
+            args += ["--scale", f"api={scale}"]
+        result = self.compose(*args, *services, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"podman-compose up {' '.join(services)}: {result.stderr[-2000:]}")
+
+    def up(self) -> None:
+        """Every service but Grafana, each stage once the one before is healthy."""
+        self.start("postgres")
+        self.wait_healthy(self.container("postgres"))
+        self.start("migrate")
+        migrate = self.container("migrate")
+        code = run("podman", "wait", migrate, capture_output=True).stdout.strip()
+        if code != "0":
+            raise RuntimeError(f"migrate exited {code}\n{self.logs(migrate)}")
+        self.start("pgbouncer")
+        self.wait_healthy(self.container("pgbouncer"))
+        self.scale(self.replicas)
+        self.start("pgbouncer-exporter", "postgres-exporter", "prometheus-targets")
+        self.wait_healthy(self.container("pgbouncer-exporter"))
+        self.start("prometheus")
+        self.wait_healthy(self.container("prometheus"))
+        self.start("lb")
+
+    def scale(self, replicas: int) -> None:
+        """`--scale api=N`, then each replica's health check passing."""
+        self.start("api", scale=replicas)
+        for index in range(1, replicas + 1):
+            self.wait_healthy(self.container("api", index))
+
+    def down(self) -> None:
+        """Containers, networks and volumes of the project, whatever state they are in."""
+        self.compose("down", "-v", "-t", "10", check=False)
+        # What `down` may leave behind: replicas beyond the file's count, a half-made stage.
+        names = self.containers()
+        if names:
+            subprocess.run(["podman", "rm", "-f", "-v", *names], capture_output=True)
+        label = f"label=io.podman.compose.project={self.project}"
+        for kind in ("volume", "network"):
+            listed = subprocess.run(
+                ["podman", kind, "ls", "-q", "--filter", label], capture_output=True, text=True
+            ).stdout.split()
+            if listed:
+                subprocess.run(["podman", kind, "rm", "-f", *listed], capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="up/down: compose.yaml's project, settings from the environment and .env",
+    )
+    parser.add_argument("step", choices=["setup", "images", "all", "up", "down"])
+    parser.add_argument("--standins", action="store_true", help="up: run the images `images` built")
+    parser.add_argument("--project", default="pgscale", help="up/down: compose project name")
+    args = parser.parse_args(argv)
+    if args.step in ("setup", "all"):
+        setup()
+    if args.step in ("images", "all"):
+        images()
+    if args.step in ("up", "down"):
+        replicas = int(os.environ.get("API_REPLICAS", "2"))
+        stack = Compose(args.project, {}, replicas=replicas, images=ENV if args.standins else {})
+        if args.step == "up":
+            stack.up()
+        else:
+            stack.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
