@@ -5,7 +5,12 @@
 # PGDATA and /var/run/postgresql; databases are UTF8.
 ARG BASE_IMAGE=localhost/debian:bookworm
 FROM ${BASE_IMAGE}
-RUN apt-get update \
+# The postgres user as uid/gid 70, the official Alpine images' (files they own on a
+# volume keep working); Debian's packages take an existing user as theirs.
+RUN groupadd --system --gid 70 postgres \
+ && useradd --system --uid 70 --gid 70 --home-dir /var/lib/postgresql --no-create-home \
+      --shell /bin/sh postgres \
+ && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15 \
  && rm -rf /var/lib/apt/lists/* \
  && install -d -o postgres -g postgres -m 0700 /var/lib/postgresql/data \
