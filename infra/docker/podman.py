@@ -11,6 +11,9 @@ What `make compose-test` needs before it brings the stack up, each step idempote
   (its PYTHON_IMAGE build argument), and local stand-ins for the upstream images
   compose names (infra/docker/standins/), tagged with the names `ENV` points compose's
   image variables at.
+- `up` / `down`: the project (`Compose`) started in compose.yaml's depends_on order,
+  each gate polled, since podman-compose ignores the health gates here; then removed
+  with its network and volumes.
 
 Nothing is pulled: no registry is reachable from here. Grafana has no Debian package
 and no stand-in; the stack runs without it.
@@ -129,20 +132,10 @@ def setup() -> None:
     missing = missing_packages()
     if missing:
         log(f"installing Debian packages: {' '.join(missing)}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        quiet(*_sudo(), "apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-qq", env=env)
-        quiet(
-            *_sudo(),
-            "apt-get",
-            "-o",
-            "DPkg::Lock::Timeout=600",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            *missing,
-            env=env,
-        )
+        apt = [*_sudo(), "env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]
+        apt += ["-o", "DPkg::Lock::Timeout=600"]
+        quiet(*apt, "update", "-qq")
+        quiet(*apt, "install", "-y", "-qq", "--no-install-recommends", *missing)
     wanted = wanted_containers_conf()
     if not CONTAINERS_CONF.exists():
         log(f"writing {CONTAINERS_CONF}")
