@@ -18,7 +18,7 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
 .PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long soak \
-	k8s-sync deploy-check
+	k8s-sync deploy-check compose-test
 
 setup: $(STAMP)
 
@@ -100,6 +100,15 @@ k8s-sync: setup
 deploy-check: setup
 	$(PY) -m infra.docker.compose
 	$(PY) -m infra.k8s.check
+
+# compose.yaml's containers under Podman, end to end: Podman set up, a debootstrap
+# Debian base (kept once made), the images built on it, the stack up, scaled, checked
+# and removed, pass or fail (see README.md, "Under Podman"). Needs root.
+PODMAN_COMPOSE := podman-compose==1.6.0
+compose-test: setup
+	$(VENV)/bin/pip install -q $(PODMAN_COMPOSE)
+	$(PY) -m infra.docker.podman all
+	PGSCALE_COMPOSE_TEST=1 $(VENV)/bin/pytest tests/compose --timeout 1200
 
 clean: down
 	rm -rf .stack
