@@ -217,13 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--name", action="append", default=[], help="another server name (SAN)")
     parser.add_argument("--app-role", default="app", help="common name of PgBouncer's client pair")
-    parser.add_argument("--owner", type=int, help="numeric uid (and gid) to own the pairs")
     args = parser.parse_args(argv)
     files, made = ensure(args.directory, app_role=args.app_role, names=tuple(args.name))
-    if args.owner is not None:  # the servers' user; the CA key stays root's
-        for path in files.all_files():
-            if path != files.ca_key:
-                os.chown(path, args.owner, args.owner)
     print(f"certificates {'made' if made else 'kept'} in {files.directory}", file=sys.stderr)
     return 0
 
