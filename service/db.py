@@ -29,6 +29,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.checkout import CheckoutQueue, Party
+from service.context import CURRENT
 from service.errors import DatabaseDown, DeadlineExceeded
 from service.metrics import NullPoolObserver, PoolObserver
 from service.pool import Connection, Pool, PoolKeeper
@@ -113,6 +114,7 @@ class Database:
             observer.unavailable()
             raise DatabaseDown("the database path is down (the worker's probe failed)")
         timeout = self.queue.timeout if wait is None else min(wait, self.queue.timeout)
+        timing = CURRENT.get()  # None in a coalesced batch's task: the batch reports
         started = time.perf_counter()
         try:
             await self.queue.acquire(timeout, party)
@@ -129,12 +131,16 @@ class Database:
                 observer.timed_out()
                 keeper.checkout_failed()
                 raise
-            observer.acquired(time.perf_counter() - started)
+            held = time.perf_counter()
+            observer.acquired(held - started)
             keeper.in_use += 1
             try:
                 yield conn
             finally:
                 keeper.in_use -= 1
+                if timing is not None:  # the request's Server-Timing (service/context.py)
+                    timing.queue += held - started
+                    timing.db += time.perf_counter() - held
                 conn.returned_at = time.monotonic()
                 # putconn rolls back anything left open, and discards a broken
                 # connection; to the pool it came from, even if since replaced.
