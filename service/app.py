@@ -24,6 +24,7 @@ from service.metrics import (
     PoolObserver,
     PoolRecorder,
     PrometheusPoolObserver,
+    record_settings,
 )
 from service.openapi import exact_integer_bounds
 from service.pool import Connection, PoolHealth, PoolKeeper, pool_name
@@ -81,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         observer: PoolObserver = PrometheusPoolObserver() if metrics else NullPoolObserver()
         db = Database(keeper, settings, observer)
         recorder = PoolRecorder() if metrics else None
+        if metrics:
+            record_settings(settings, deployment)
 
         def ticked(health: PoolHealth) -> None:
             if recorder is not None:
