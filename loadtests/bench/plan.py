@@ -33,6 +33,7 @@ class Config(Enum):
 
     POOLED = "pooled"
     NOMETRICS = "nometrics"
+    NOTIMING = "notiming"
     SINGLE = "single"
     NAIVE = "naive"
     DIRECT = "direct"
@@ -54,6 +55,7 @@ class Config(Enum):
 LABELS = {
     Config.POOLED: "pooled (as deployed)",
     Config.NOMETRICS: "pooled, metrics off",
+    Config.NOTIMING: "pooled, Server-Timing off",
     Config.SINGLE: "pooled, coalescing off",
     Config.NAIVE: "per-request connection",
     Config.DIRECT: "direct to PostgreSQL",
@@ -66,6 +68,7 @@ LABELS = {
 REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
     Config.POOLED: {},
     Config.NOMETRICS: {"METRICS_ENABLED": "false"},
+    Config.NOTIMING: {"SERVER_TIMING": "false"},
     Config.SINGLE: {"COALESCE_MAX": "1"},
     Config.NAIVE: {"CONNECTION_STRATEGY": "per-request"},
     Config.DIRECT: {"VIA_PGBOUNCER": "false"},
@@ -94,6 +97,7 @@ PLAN = [
     RunKey(Config.POOLED, Endpoint.GET_ITEM),
     RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
     RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     RunKey(Config.SINGLE, Endpoint.GET_ITEM),
     RunKey(Config.POOLED, Endpoint.POST_VISIT),
     RunKey(Config.SINGLE, Endpoint.POST_VISIT),
@@ -126,6 +130,7 @@ class Pair(Enum):
     ITEM_VS_FRAMEWORK = "GET /items/{id} vs framework ceiling"
     VISIT_VS_ITEM = "POST /visits vs GET /items/{id}"
     ITEM_METRICS = "GET /items/{id} metrics on vs off"
+    ITEM_TIMING = "GET /items/{id} Server-Timing on vs off"
     ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
     VISIT_COALESCING = "POST /visits coalescing on vs off"
 
@@ -143,6 +148,10 @@ PAIRS = {
     Pair.ITEM_METRICS: (
         RunKey(Config.POOLED, Endpoint.GET_ITEM),
         RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    ),
+    Pair.ITEM_TIMING: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     ),
     Pair.ITEM_COALESCING: (
         RunKey(Config.POOLED, Endpoint.GET_ITEM),
