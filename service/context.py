@@ -65,19 +65,19 @@ class RequestIds:
     and a counter, unique across replicas and workers without a system call each."""
 
     def __init__(self) -> None:
-        self._prefix = ""
-        self._pid = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new prefix: at start, and in each forked worker (gunicorn preloads the app)."""
+        self._prefix = os.urandom(6).hex()
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
-        pid = os.getpid()
-        if pid != self._pid:  # first use, or a forked worker: a prefix of its own
-            self._pid, self._prefix = pid, os.urandom(6).hex()
-            self._counter = itertools.count(1)
         return f"{self._prefix}-{next(self._counter):x}"
 
 
 new_id = RequestIds()
+os.register_at_fork(after_in_child=new_id.reset)
 
 
 def request_id_of(scope: Scope) -> str:

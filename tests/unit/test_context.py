@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from infra.localstack.config import REPO
 from service.context import Timing, request_id_of, server_timing
 
 
@@ -38,3 +42,25 @@ def test_server_timing_names_the_parts_in_ms_and_the_batch_when_there_is_one() -
     assert server_timing(timing, 0.005).endswith(b", batch;desc=7")
     # Never a negative app share, whatever the clocks did.
     assert b"app;dur=0.000" in server_timing(timing, 0.001)
+
+
+FORKED = """
+import os
+from service.context import new_id
+parent = new_id().split("-")[0]
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, new_id().split("-")[0].encode())
+    os._exit(0)
+os.close(write)
+print(parent, os.read(read, 64).decode())
+"""
+
+
+def test_a_forked_worker_makes_ids_of_its_own() -> None:
+    # In a process of its own: forking pytest's, threads and all, would not be safe.
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    parent, child = result.stdout.split()
+    assert child != parent
