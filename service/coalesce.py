@@ -57,6 +57,7 @@ class Batch(Generic[K, R]):
         self._arrived: list[float] = []
         self._timings: list[Timing | None] = []  # each request's (service/context.py)
         self._held: float | None = None  # when the batch got its connection
+        self._timings_given = False
         self._riders = 0  # requests after the first
         self._counted = 0  # riders counted in the queue's `waiting` now
         self.in_queue = False  # waiting in the checkout queue now
@@ -115,20 +116,25 @@ class Batch(Generic[K, R]):
                 future.set_result(answer)
 
     def _timed(self) -> None:
-        """Each request's Server-Timing: the statement's time, and how many shared it."""
-        if self._held is None:
-            return  # it never had a connection
-        db = time.perf_counter() - self._held
+        """Each request's Server-Timing: the statement's time, and how many shared it;
+        for a batch that never got a connection, how long each waited for one. Once."""
+        if self._timings_given:
+            return
+        self._timings_given = True
+        now = time.perf_counter()
         size = len(self.keys)
-        for timing in self._timings:
-            if timing is not None:
-                timing.db += db
-                timing.batch = size
+        for arrived, timing in zip(self._arrived, self._timings, strict=True):
+            if timing is None:
+                continue
+            if self._held is None:
+                timing.queue += now - arrived
+            else:
+                timing.db += now - self._held
+            timing.batch = size
 
     def fail(self, exc: BaseException) -> None:
         """Every request of the batch fails as the batch did."""
         self._timed()
-        self._held = None
         self._close()
         for future in self._futures:
             if not future.done():

@@ -29,7 +29,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.checkout import CheckoutQueue, Party
-from service.context import CURRENT
+from service.context import CURRENT, Timing
 from service.errors import DatabaseDown, DeadlineExceeded
 from service.metrics import NullPoolObserver, PoolObserver
 from service.pool import Connection, Pool, PoolKeeper
@@ -120,6 +120,7 @@ class Database:
             await self.queue.acquire(timeout, party)
         except PoolTimeout:
             observer.timed_out()
+            _waited(timing, started)  # a 503 that queued says how long
             raise
         except TooManyRequests:
             observer.rejected()
@@ -130,6 +131,7 @@ class Database:
             except PoolTimeout:
                 observer.timed_out()
                 keeper.checkout_failed()
+                _waited(timing, started)
                 raise
             held = time.perf_counter()
             observer.acquired(held - started)
@@ -378,6 +380,12 @@ class Database:
             row_factory=dict_row,
             connect_timeout=max(1, int(self.settings.pool_timeout)),
         )
+
+
+def _waited(timing: Timing | None, started: float) -> None:
+    """A request's wait for a connection that never came, into its Server-Timing."""
+    if timing is not None:
+        timing.queue += time.perf_counter() - started
 
 
 async def _select_one(conn: Connection) -> None:

@@ -285,3 +285,26 @@ def test_each_request_of_a_batch_gets_its_own_wait_and_the_shared_statement() ->
         assert (outsider.queue, outsider.db, outsider.batch) == (0.0, 0.0, 0)
 
     run(scenario)
+
+
+def test_a_batch_that_gets_no_connection_says_how_long_each_request_waited() -> None:
+    async def timed_load(h: Harness, key: int) -> Timing:
+        timing = Timing(f"r{key}")
+        CURRENT.set(timing)
+        with pytest.raises(PoolTimeout):
+            await h.coalescer.load(key)
+        return timing
+
+    async def scenario() -> None:
+        h = Harness(slots=1, timeout=0.05)
+        release = asyncio.Event()
+        holder = asyncio.create_task(held(h.queue, release))
+        await asyncio.sleep(0)
+        timings = await asyncio.gather(*(timed_load(h, k) for k in (1, 2)))
+        release.set()
+        await holder
+        assert [t.batch for t in timings] == [2, 2]
+        assert all(t.queue >= 0.04 for t in timings), [t.queue for t in timings]
+        assert all(t.db == 0 for t in timings)
+
+    run(scenario)
