@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # busybox: tests/integration/test_deploy.py also runs render-config with Alpine's awk.
+# chromium: tests/integration/test_browser.py drives it through Playwright (no browser download).
 APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter \
-	prometheus-process-exporter busybox
+	prometheus-process-exporter busybox chromium
 EXPORTER_VENV := .venv-exporter
 # prometheus-pgbouncer-exporter 2.1.2 pins these; its own psycopg2 needs a compiler, the
 # binary wheel does not. It gets a virtualenv of its own so its pins touch nothing else.

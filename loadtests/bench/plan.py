@@ -33,6 +33,7 @@ class Config(Enum):
 
     POOLED = "pooled"
     NOMETRICS = "nometrics"
+    NOTIMING = "notiming"
     SINGLE = "single"
     TWO_BOUNCERS = "two-bouncers"  # coalescing off, through two PgBouncer instances
     NAIVE = "naive"
@@ -56,6 +57,7 @@ class Config(Enum):
 LABELS = {
     Config.POOLED: "pooled (as deployed)",
     Config.NOMETRICS: "pooled, metrics off",
+    Config.NOTIMING: "pooled, Server-Timing off",
     Config.SINGLE: "pooled, coalescing off",
     Config.TWO_BOUNCERS: "coalescing off, 2 PgBouncers",
     Config.NAIVE: "per-request connection",
@@ -70,6 +72,7 @@ LABELS = {
 REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
     Config.POOLED: {},
     Config.NOMETRICS: {"METRICS_ENABLED": "false"},
+    Config.NOTIMING: {"SERVER_TIMING": "false"},
     Config.SINGLE: {"COALESCE_MAX": "1"},
     # Its DATABASE_URL names both PgBouncers (rig.py): each connection picks one.
     Config.TWO_BOUNCERS: {"COALESCE_MAX": "1", "PGBOUNCER_INSTANCES": "2"},
@@ -100,6 +103,7 @@ PLAN = [
     RunKey(Config.POOLED, Endpoint.GET_ITEM),
     RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
     RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     RunKey(Config.SINGLE, Endpoint.GET_ITEM),
     RunKey(Config.TWO_BOUNCERS, Endpoint.GET_ITEM),
     RunKey(Config.POOLED, Endpoint.POST_VISIT),
@@ -142,6 +146,7 @@ class Pair(Enum):
     ITEM_VS_FRAMEWORK = "GET /items/{id} vs framework ceiling"
     VISIT_VS_ITEM = "POST /visits vs GET /items/{id}"
     ITEM_METRICS = "GET /items/{id} metrics on vs off"
+    ITEM_TIMING = "GET /items/{id} Server-Timing on vs off"
     ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
     VISIT_COALESCING = "POST /visits coalescing on vs off"
     ITEM_TWO_BOUNCERS = "GET /items/{id} coalescing off, 2 PgBouncers vs 1"
@@ -161,6 +166,10 @@ PAIRS = {
     Pair.ITEM_METRICS: (
         RunKey(Config.POOLED, Endpoint.GET_ITEM),
         RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    ),
+    Pair.ITEM_TIMING: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     ),
     Pair.ITEM_COALESCING: (
         RunKey(Config.POOLED, Endpoint.GET_ITEM),
