@@ -1,0 +1,125 @@
+"""The capacity planner: shapes that hold the budget, each number with its rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from infra.localstack.config import REPO
+from service.calibration import load
+from service.planner import NoShape, Target, plan
+
+CALIBRATION = load()
+
+
+def planner_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.budget", "plan", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_plan_holds_the_budget_at_both_rollout_extremes() -> None:
+    p = plan(Target(rps=20_000), CALIBRATION)
+    s = p.shape
+    assert p.serving.ok
+    assert p.rollout.ok
+    # One PgBouncer out: every client on the rest. One draining: all their servers.
+    assert p.serving.topology.bouncer is not None
+    assert p.serving.topology.bouncer.instances == s.instances - 1
+    assert p.rollout.server_at_peak == (s.instances + 1) * s.max_db_connections
+    assert p.serving.clients_at_peak == (s.replicas + 1) * s.workers * s.pool_max
+    assert s.hpa_min == 2
+    assert s.hpa_min <= s.replicas
+
+
+def test_each_number_names_its_rule() -> None:
+    p = plan(Target(rps=20_000, postgres_cores=8), CALIBRATION)
+    rules = {d.name: d for d in p.decisions}
+    assert "PostgreSQL wiki: (8 cores x 2) + 1 effective_spindles" in (
+        rules["active server connections"].rule
+    )
+    assert rules["POOL_MAX"].rule.startswith("Little:")
+    assert rules["POOL_MAX"].value == p.shape.pool_max
+    for name in ("replicas (HPA maxReplicas)", "PgBouncer instances", "max_client_conn"):
+        assert rules[name].rule
+
+
+def test_pools_follow_littles_law() -> None:
+    t = Target(rps=20_000)
+    p = plan(t, CALIBRATION)
+    worker_rps = 1000 / CALIBRATION.mix("worker", t.write_ratio)
+    hold = (
+        CALIBRATION.mix("pgbouncer", t.write_ratio)
+        + CALIBRATION.mix("postgres", t.write_ratio)
+        + 2 * t.rtt_ms
+    )
+    assert p.shape.pool_max == math.ceil(worker_rps * hold / 1000) + 1
+
+
+def test_more_traffic_means_more_replicas_and_pgbouncers_not_more_backends() -> None:
+    small = plan(Target(rps=5_000, postgres_cores=16), CALIBRATION).shape
+    large = plan(Target(rps=50_000, postgres_cores=16), CALIBRATION).shape
+    assert large.replicas > small.replicas
+    assert large.instances >= small.instances
+    small_active = small.instances * small.default_pool_size
+    large_active = large.instances * large.default_pool_size
+    # The wiki's active connections (2 x 16 + 1) set both, split across the instances.
+    assert small_active - small.instances < 33 <= small_active
+    assert large_active - large.instances < 33 <= large_active
+
+
+def test_a_target_past_one_postgresql_has_no_shape() -> None:
+    with pytest.raises(NoShape, match=r"PostgreSQL needs .* cores"):
+        plan(Target(rps=2_000_000, postgres_cores=8), CALIBRATION)
+
+
+def test_a_fixed_max_connections_too_small_has_no_shape() -> None:
+    with pytest.raises(NoShape, match="max_connections 20 is below"):
+        plan(Target(rps=20_000, max_connections=20), CALIBRATION)
+
+
+def test_too_few_fixed_replicas_have_no_shape() -> None:
+    with pytest.raises(NoShape, match="at least"):
+        plan(Target(rps=100_000, replicas=2, postgres_cores=32), CALIBRATION)
+
+
+def test_a_p99_below_one_request_has_no_shape() -> None:
+    with pytest.raises(NoShape, match="below what one request costs"):
+        plan(Target(rps=1000, p99_ms=1), CALIBRATION)
+
+
+def test_cli_prints_the_shape_rules_and_bottleneck() -> None:
+    result = planner_cli("--target-rps", "20000")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for text in ("shape:", "rules:", "bottleneck:", "HPA minReplicas..maxReplicas", "verdict: ok"):
+        assert text in out
+
+
+def test_cli_json_and_exit_1_with_the_reason() -> None:
+    ok = planner_cli("--target-rps", "20000", "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["fits"] is True
+    assert data["shape"]["instances"] >= 2
+    assert data["budget_rollout"]["ok"] is True
+    refused = planner_cli("--target-rps", "2000000", "--json")
+    assert refused.returncode == 1
+    assert "PostgreSQL needs" in json.loads(refused.stdout)["reason"]
+    text = planner_cli("--target-rps", "2000000")
+    assert text.returncode == 1
+    assert text.stdout.startswith("no shape fits: PostgreSQL needs")
+
+
+def test_cli_bad_input_exits_2() -> None:
+    result = planner_cli("--target-rps", "-5")
+    assert result.returncode == 2
+    assert "--target-rps must be above 0" in result.stderr
