@@ -253,14 +253,17 @@ def plan(target: Target, calibration: Calibration) -> Plan:
             " the calibrated cost"
         )
     wiki = 2 * t.postgres_cores + t.spindles
-    little = math.ceil(statements * (postgres_ms + t.rtt_ms) / 1000)
+    # A server connection is held for PgBouncer's forwarding, the statement and a round
+    # trip; a pool sized at Little's mean would run at 100%, so at TIER_UTILIZATION.
+    server_hold_ms = pgbouncer_ms + postgres_ms + t.rtt_ms
+    little = math.ceil(statements * server_hold_ms / 1000 / TIER_UTILIZATION)
     active = max(wiki, little)
     decide(
         "active server connections",
         active,
         f"PostgreSQL wiki: ({t.postgres_cores} cores x 2) + {t.spindles} effective_spindles ="
-        f" {wiki}; Little: {statements:g}/s x {postgres_ms + t.rtt_ms:.2f} ms = {little};"
-        " the larger",
+        f" {wiki}; Little: {statements:g}/s x {server_hold_ms:.2f} ms / {TIER_UTILIZATION:.0%}"
+        f" = {little}; the larger",
     )
     default_pool_size = math.ceil(active / instances)
     reserve = max(1, math.ceil(default_pool_size / 4))
