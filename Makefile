@@ -17,7 +17,7 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
 .PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long soak \
-	k8s-sync deploy-check
+	capacity k8s-sync deploy-check
 
 setup: $(STAMP)
 
@@ -67,6 +67,13 @@ sweep: setup
 # Throughput and latency with baselines side by side (about 11 minutes by default).
 bench: setup
 	$(PY) -m loadtests.bench --profile
+
+# The capacity model (SimPy) checked against docs/sweep and the bench's coalescing, then
+# fleets of 10, 100 and 1,000 replicas, planned and naive (about 6 minutes, no servers);
+# report in reports/capacity/. `make capacity CALIBRATION=reports/bench/calibration.json`.
+CALIBRATION ?= service/calibration.json
+capacity: setup
+	$(PY) -m loadtests.capacity --calibration $(CALIBRATION)
 
 # Every fault under load on a private stack, each acknowledged write audited (about 3
 # minutes); report in reports/faults/. `make faults ONLY="network-cut pgbouncer-pause"`.
