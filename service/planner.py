@@ -336,7 +336,11 @@ def plan(target: Target, calibration: Calibration) -> Plan:
     fleet_rps = replicas * t.workers * worker_rps
     tiers = (
         Tier("workers", fleet_rps, t.rps / fleet_rps),
-        Tier("PgBouncer", serving * bouncer_rate, statements / (serving * bouncer_rate)),
+        Tier(
+            f"PgBouncer ({serving} of {instances} up)",
+            serving * bouncer_rate,
+            statements / (serving * bouncer_rate),
+        ),
         Tier(
             "PostgreSQL",
             t.postgres_cores * 1000 / postgres_ms,
@@ -372,7 +376,7 @@ def render(p: Plan) -> str:
     lines += ["", "tiers at the target (capacity at 100% of their cores, no coalescing):"]
     for tier in p.tiers:
         lines.append(
-            f"  {tier.name:<10}  {tier.capacity_rps:>10.0f} req/s  {tier.utilization:>5.0%} busy"
+            f"  {tier.name:<24}  {tier.capacity_rps:>9.0f} req/s  {tier.utilization:>5.0%} busy"
         )
     b = p.bottleneck
     lines += [
