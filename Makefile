@@ -69,7 +69,7 @@ bench: setup
 	$(PY) -m loadtests.bench --profile
 
 # The capacity model (SimPy) checked against docs/sweep and the bench's coalescing, then
-# fleets of 10, 100 and 1,000 replicas, planned and naive (about 6 minutes, no servers);
+# fleets of 10, 100 and 1,000 replicas, planned and naive (about 4 minutes, no servers);
 # report in reports/capacity/. `make capacity CALIBRATION=reports/bench/calibration.json`.
 CALIBRATION ?= service/calibration.json
 capacity: setup
