@@ -74,10 +74,14 @@ class Setup:
     balancer_ms: float = 0.0  # per request, the load balancer (shared)
     rtt_ms: float = 0.0  # network round trip per hop
     connect_ms: float = 2.0
-    # Turns of a worker's event loop between a batch opening and its checkout, and
-    # between a connection given and the batch taking it (create_task, the pool's
-    # getconn): requests read meanwhile join the batch.
-    turns: int = 2
+    # Turns of a worker's event loop between a batch opening and its checkout (its
+    # task is created, then runs), and between a connection given and the batch taking
+    # it (the waiter wakes): requests read meanwhile join the batch.
+    turns: int = 1
+    # Closed loop: each user keeps one connection, served by one worker (wrk straight
+    # to gunicorn); otherwise each request picks a worker (haproxy reuses its
+    # connections to a replica for any client).
+    pinned: bool = False
     reconnect_ms: float = 1000.0  # after a refused connection
     duration_ms: float = 3000.0
     warmup_ms: float = 500.0
@@ -285,12 +289,17 @@ class _Sim:
         return ok
 
     def user(self) -> Process:
+        s = self.s
+        worker = None
+        if s.pinned:  # a keep-alive connection stays with the worker that accepted it
+            replica = self.rng.randrange(s.replicas)
+            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
         while True:
             kind = self.s.mix.draw(self.rng)
             start = self.env.now  # Locust's clock runs from before it sends to after it reads
             if self.generator:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
-            ok = yield from self.request(kind)
+            ok = yield from self.request(kind, worker)
             if self.generator:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
             if ok and start >= self.s.warmup_ms:

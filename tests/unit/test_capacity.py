@@ -10,6 +10,7 @@ from loadtests.capacity.model import Mix, Setup, simulate
 from loadtests.capacity.validate import (
     Row,
     cell_setup,
+    coalescing_rows,
     load_summary,
     measured,
     modelled,
@@ -46,6 +47,16 @@ def test_a_cell_the_model_gets_wrong_is_reported() -> None:
     )
     assert "servers 4 != 6" in row.problems
     assert "backends 6 != 8" in row.problems
+
+
+def test_the_model_reproduces_the_benchs_coalescing() -> None:
+    """Requests per statement at 16 and 64 wrk connections, within 25% of the bench's."""
+    few = replace(
+        CALIBRATION,
+        requests_per_statement={c: CALIBRATION.requests_per_statement[c] for c in (16, 64)},
+    )
+    for connections, bench, model in coalescing_rows(few, duration_ms=1500):
+        assert abs(model - bench) / bench <= 0.25, (connections, bench, model)
 
 
 def test_coalescing_appears_only_when_requests_queue() -> None:
