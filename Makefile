@@ -7,7 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # busybox: tests/integration/test_deploy.py also runs render-config with Alpine's awk.
-APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter busybox
+APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter \
+	prometheus-process-exporter busybox
 EXPORTER_VENV := .venv-exporter
 # prometheus-pgbouncer-exporter 2.1.2 pins these; its own psycopg2 needs a compiler, the
 # binary wheel does not. It gets a virtualenv of its own so its pins touch nothing else.
@@ -17,7 +18,7 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
 .PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long soak \
-	capacity k8s-sync deploy-check
+	capacity k8s-sync deploy-check compose-test
 
 setup: $(STAMP)
 
@@ -57,12 +58,15 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The workers x replicas sweep, with and without PgBouncer (about 8 minutes by default).
+# The workers x replicas (x PgBouncer instances) sweep, with and without PgBouncer
+# (about 12 minutes by default).
 WORKERS_GRID ?= 1 2 4
 REPLICAS_GRID ?= 1 2 3
+INSTANCES_GRID ?= 1 2
 DURATION ?= 20
 sweep: setup
-	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) --duration $(DURATION)
+	$(PY) -m loadtests.sweep --workers $(WORKERS_GRID) --replicas $(REPLICAS_GRID) \
+	  --instances $(INSTANCES_GRID) --duration $(DURATION)
 
 # Throughput and latency with baselines side by side (about 11 minutes by default).
 bench: setup
@@ -103,6 +107,15 @@ k8s-sync: setup
 deploy-check: setup
 	$(PY) -m infra.docker.compose
 	$(PY) -m infra.k8s.check
+
+# compose.yaml's containers under Podman, end to end: Podman set up, a debootstrap
+# Debian base (kept once made), the images built on it, the stack up, scaled, checked
+# and removed, pass or fail (see README.md, "Under Podman"). Needs root.
+PODMAN_COMPOSE := podman-compose==1.6.0
+compose-test: setup
+	$(VENV)/bin/pip install -q $(PODMAN_COMPOSE)
+	$(PY) -m infra.docker.podman all
+	PGSCALE_COMPOSE_TEST=1 $(VENV)/bin/pytest tests/compose --timeout 1200
 
 clean: down
 	rm -rf .stack

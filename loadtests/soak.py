@@ -48,7 +48,7 @@ from infra.localstack import procs
 from infra.localstack.config import REPO
 from loadtests.common.poll import Poll
 from loadtests.common.prom import Scrape
-from loadtests.common.sampling import Probe
+from loadtests.common.sampling import Probe, join_dsns
 from loadtests.soak_report import FaultRun, write_report
 from tests.faults.faults import Timing, by_name, run_phase
 from tests.faults.harness import SEED_ITEMS, Harness, Tuning, fault_stack
@@ -177,7 +177,7 @@ class Sampler:
         self._files = contextlib.ExitStack()
         stack = harness.stack
         self.probe = Probe(
-            pgbouncer=stack.pgbouncer().admin_conninfo(),
+            pgbouncer=join_dsns(b.admin_conninfo() for b in stack.pgbouncers()),
             postgres=stack.postgres().superuser_conninfo(),
         )
 
@@ -223,7 +223,7 @@ def start_locust(
     stack = harness.stack
     env = {
         **os.environ,
-        "SAMPLER_PGBOUNCER_URL": stack.pgbouncer().admin_conninfo(),
+        "SAMPLER_PGBOUNCER_URL": join_dsns(b.admin_conninfo() for b in stack.pgbouncers()),
         "SAMPLER_POSTGRES_URL": stack.postgres().superuser_conninfo(),
         "SEED_ITEMS": str(SEED_ITEMS),
         "LOADTEST_MAX_FAIL_RATIO": "1",  # faults shed load on purpose; the rows judge them

@@ -2,8 +2,8 @@
 
 Reads compose.yaml as `docker compose` would (YAML anchors and merge keys, then `${VAR}`
 interpolation from the environment and an env file), takes the shape of the deployment
-from it (API_MAX_REPLICAS replicas of WORKERS x POOL_MAX, one PgBouncer, its limits,
-PostgreSQL's) and checks it with service/budget.py, together with what must agree
+from it (API_MAX_REPLICAS replicas of WORKERS x POOL_MAX, PGBOUNCER_INSTANCES PgBouncers,
+their limits, PostgreSQL's) and checks it with service/budget.py, together with what must agree
 across services: the numbers PgBouncer and PostgreSQL run with are the ones every
 replica's start-up guard checks, haproxy has a slot for every replica the budget
 allows, and the PgBouncer config mounted is in transaction mode. Exit code 0 when all
@@ -128,6 +128,12 @@ def problems(model: Mapping[str, Any]) -> list[str]:
         found.append(
             f"API_REPLICAS={started} is above API_MAX_REPLICAS={api['REPLICAS']},"
             " the count the budget and the replicas' start-up guard check"
+        )
+    bouncers = int(model["services"]["pgbouncer"].get("deploy", {}).get("replicas", 1))
+    if int(api.get("PGBOUNCER_INSTANCES", "1")) != bouncers:
+        found.append(
+            f"pgbouncer runs {bouncers} instance(s) but the replicas' guard counts"
+            f" PGBOUNCER_INSTANCES={api.get('PGBOUNCER_INSTANCES', '1')}"
         )
     if api.get("VIA_PGBOUNCER", "true").lower() != "true":
         found.append("the replicas must reach PostgreSQL through PgBouncer (VIA_PGBOUNCER)")

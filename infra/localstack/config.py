@@ -37,11 +37,16 @@ class StackSettings(DeploymentSettings):
     metrics_base_port: int = Field(
         default=9101, description="Replica i serves /metrics on base + i - 1."
     )
-    pgbouncer_port: int = Field(default=6432, description="PgBouncer.")
+    pgbouncer_port: int = Field(
+        default=6432, description="PgBouncer instance i listens on this port + i - 1."
+    )
     postgres_port: int = Field(default=5432, description="PostgreSQL.")
     prometheus_port: int = Field(default=9090, description="Prometheus.")
     pgbouncer_exporter_port: int = Field(default=9127, description="The PgBouncer exporter.")
     postgres_exporter_port: int = Field(default=9187, description="The PostgreSQL exporter.")
+    process_exporter_port: int = Field(
+        default=9256, description="The process exporter (PgBouncer CPU per instance)."
+    )
 
     pgbouncer_server_login_retry: int = Field(
         default=1, ge=1, description="Seconds before retrying a failed server login."
@@ -55,9 +60,18 @@ class StackSettings(DeploymentSettings):
         """The metrics port of replica `index` (1-based)."""
         return self.metrics_base_port + index - 1
 
+    def pgbouncer_instance_port(self, index: int) -> int:
+        """The port of PgBouncer instance `index` (1-based)."""
+        return self.pgbouncer_port + index - 1
+
 
 def private_settings(
-    root: Path, *, most_replicas: int = 16, spare: int = 0, **overrides: Any
+    root: Path,
+    *,
+    most_replicas: int = 16,
+    most_pgbouncers: int = 4,
+    spare: int = 0,
+    **overrides: Any,
 ) -> tuple[StackSettings, list[int]]:
     """Settings for a throwaway stack in `root` on free ports, and `spare` ports more.
 
@@ -65,16 +79,19 @@ def private_settings(
     All ports come from one block below the ephemeral range, where a load generator's
     client sockets cannot take them between choosing and binding.
     """
-    fixed = 6
+    if overrides.get("pgbouncer_instances", 1) > most_pgbouncers:
+        raise ValueError(f"a private stack has ports for {most_pgbouncers} PgBouncers at most")
+    fixed = 6 + most_pgbouncers
     base = procs.free_port_block(fixed + spare + 2 * most_replicas)
     settings = StackSettings(
         stack_dir=root,
         lb_port=base,
-        pgbouncer_port=base + 1,
-        postgres_port=base + 2,
-        prometheus_port=base + 3,
-        pgbouncer_exporter_port=base + 4,
-        postgres_exporter_port=base + 5,
+        postgres_port=base + 1,
+        prometheus_port=base + 2,
+        pgbouncer_exporter_port=base + 3,
+        postgres_exporter_port=base + 4,
+        process_exporter_port=base + 5,
+        pgbouncer_port=base + 6,  # instance i on base + 6 + i - 1
         replica_base_port=base + fixed + spare,
         metrics_base_port=base + fixed + spare + most_replicas,
         **overrides,

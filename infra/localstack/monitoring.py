@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from infra.localstack import procs
 from infra.localstack.config import REPO
@@ -17,6 +20,7 @@ from infra.localstack.render import INFRA, render, write_private
 # own (`make setup` builds it).
 PGBOUNCER_EXPORTER = REPO / ".venv-exporter" / "bin" / "pgbouncer-exporter"
 POSTGRES_EXPORTER = "prometheus-postgres-exporter"
+PROCESS_EXPORTER = "prometheus-process-exporter"
 
 
 @dataclass
@@ -47,12 +51,16 @@ class Daemon:
     def command(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
 
-    def prepare(self) -> None:
-        """Write whatever config the process reads, before it starts or reloads."""
+    def prepare(self) -> bool:
+        """Write whatever config the process reads; True when a running one must restart."""
+        return False
 
     def start(self, timeout: float = 20.0) -> None:
+        """Start it (restart it when a config it does not reload by itself changed)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self.prepare()
+        if self.prepare() and self.running():
+            print(f"{self.name:<12} configuration changed: restarting", flush=True)
+            self.stop()
         if not self.running():
             procs.ensure_port_free(self.port, self.port_variable)
             argv, env = self.command()
@@ -78,7 +86,9 @@ def _base_env() -> dict[str, str]:
 
 @dataclass
 class PgBouncerExporter(Daemon):
-    pgbouncer_port: int = 6432
+    """One exporter reading every PgBouncer instance, each series labelled with its name."""
+
+    pgbouncers: dict[str, int] = field(default_factory=dict)  # instance name -> port
     stats_user: str = ""
     stats_password: str = ""
 
@@ -86,25 +96,71 @@ class PgBouncerExporter(Daemon):
     def config(self) -> Path:
         return self.root / "pgbouncer-exporter.yml"
 
-    def prepare(self) -> None:
-        text = render(
-            "pgbouncer/exporter.yml",
-            {
-                "PGBOUNCER_EXPORTER_LISTEN": "127.0.0.1",
-                "PGBOUNCER_EXPORTER_PORT": self.port,
-                "PGBOUNCER_STATS_USER": self.stats_user,
-                "PGBOUNCER_STATS_PASSWORD": self.stats_password,
-                "PGBOUNCER_HOST": "127.0.0.1",
-                "PGBOUNCER_PORT": self.pgbouncer_port,
-                "PGBOUNCER_NAME": "pgbouncer-1",
-            },
-        )
-        write_private(self.config, text)
+    def prepare(self) -> bool:
+        # The shared template describes one PgBouncer; the stack's config lists them all.
+        merged: dict[str, object] = {}
+        entries: list[object] = []
+        for name, port in self.pgbouncers.items():
+            one = yaml.safe_load(
+                render(
+                    "pgbouncer/exporter.yml",
+                    {
+                        "PGBOUNCER_EXPORTER_LISTEN": "127.0.0.1",
+                        "PGBOUNCER_EXPORTER_PORT": self.port,
+                        "PGBOUNCER_STATS_USER": self.stats_user,
+                        "PGBOUNCER_STATS_PASSWORD": self.stats_password,
+                        "PGBOUNCER_HOST": "127.0.0.1",
+                        "PGBOUNCER_PORT": port,
+                        "PGBOUNCER_NAME": name,
+                    },
+                )
+            )
+            entries.extend(one.pop("pgbouncers"))
+            merged = one
+        merged["pgbouncers"] = entries
+        return _write_if_changed(self.config, yaml.safe_dump(merged, sort_keys=False))
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         if not PGBOUNCER_EXPORTER.exists():
             raise procs.StackError(f"{PGBOUNCER_EXPORTER} is missing: run `make setup`")
         return [str(PGBOUNCER_EXPORTER), "--config", str(self.config)], {}
+
+
+@dataclass
+class ProcessExporter(Daemon):
+    """CPU per PgBouncer instance: each is one process on one core at most."""
+
+    pgbouncer_dir: Path = Path()  # where the instances' `pgbouncer-N.ini` files live
+
+    @property
+    def config(self) -> Path:
+        return self.root / "process-exporter.yml"
+
+    def prepare(self) -> bool:
+        # Anchored on this stack's directory: other stacks on the machine are not ours.
+        pattern = re.escape(str(self.pgbouncer_dir.resolve()))
+        text = render("pgbouncer/process-exporter.yml", {"PGBOUNCER_CONFIG_DIR": pattern})
+        return _write_if_changed(self.config, text)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        return [
+            PROCESS_EXPORTER,
+            f"-config.path={self.config}",
+            f"-web.listen-address=127.0.0.1:{self.port}",
+            "-threads=false",
+            "-gather-smaps=false",
+        ], {}
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` (owner-only); True when the file existed with other content."""
+    try:
+        before: str | None = path.read_text()
+    except FileNotFoundError:
+        before = None
+    if before != text:
+        write_private(path, text)
+    return before is not None and before != text
 
 
 @dataclass
@@ -129,7 +185,7 @@ class Prometheus(Daemon):
     def config_dir(self) -> Path:
         return self.root / "config"
 
-    def prepare(self) -> None:
+    def prepare(self) -> bool:
         source = INFRA / "prometheus"
         rules = self.config_dir / "rules"
         shutil.rmtree(rules, ignore_errors=True)
@@ -138,6 +194,7 @@ class Prometheus(Daemon):
         for rule_file in sorted((source / "rules").glob("*.yml")):
             shutil.copy2(rule_file, rules / rule_file.name)
         self.write_targets()
+        return False  # reload() re-reads config and rules; targets need nothing
 
     def write_targets(self) -> None:
         """file_sd target files; Prometheus notices changes by itself."""

@@ -22,7 +22,10 @@ SAFE_SHUTDOWN, IMMEDIATE_SHUTDOWN = signal.SIGINT, signal.SIGTERM
 
 @dataclass
 class PgBouncer:
-    """PgBouncer listening on 127.0.0.1:`port`, pooling `database` on PostgreSQL."""
+    """PgBouncer listening on 127.0.0.1:`port`, pooling `database` on PostgreSQL.
+
+    Several instances may share `root`: each one's files are named after it.
+    """
 
     root: Path
     port: int
@@ -37,22 +40,23 @@ class PgBouncer:
     max_db_connections: int = 30
     query_wait_timeout: int = 5
     server_login_retry: int = 1
+    name: str = "pgbouncer-1"
 
     @property
     def ini(self) -> Path:
-        return self.root / "pgbouncer.ini"
+        return self.root / f"{self.name}.ini"
 
     @property
     def auth_file(self) -> Path:
-        return self.root / "userlist.txt"
+        return self.root / f"{self.name}.users.txt"
 
     @property
     def pid_file(self) -> Path:
-        return self.root / "pgbouncer.pid"
+        return self.root / f"{self.name}.pid"
 
     @property
     def log(self) -> Path:
-        return self.root / "pgbouncer.log"
+        return self.root / f"{self.name}.log"
 
     def values(self) -> dict[str, object]:
         """The template's placeholders, by name."""

@@ -8,11 +8,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+
 from infra.localstack import procs
 from infra.localstack.config import REPO, StackSettings
 from infra.localstack.haproxy import Haproxy
-from infra.localstack.monitoring import PgBouncerExporter, PostgresExporter, Prometheus
-from infra.localstack.pgbouncer import STATS_USER, PgBouncer
+from infra.localstack.monitoring import (
+    PgBouncerExporter,
+    PostgresExporter,
+    ProcessExporter,
+    Prometheus,
+)
+from infra.localstack.pgbouncer import SAFE_SHUTDOWN, STATS_USER, PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
@@ -48,11 +55,12 @@ class Stack:
             superuser_reserved=s.postgres_superuser_reserved,
         )
 
-    def pgbouncer(self) -> PgBouncer:
+    def pgbouncer(self, index: int = 1) -> PgBouncer:
+        """PgBouncer instance `index` (1-based), on PGBOUNCER_PORT + index - 1."""
         s = self.settings
         return PgBouncer(
             self.root / "pgbouncer",
-            s.pgbouncer_port,
+            s.pgbouncer_instance_port(index),
             s.postgres_port,
             APP_DATABASE,
             users={APP_ROLE: password(self.secrets, APP_ROLE)},
@@ -64,6 +72,35 @@ class Stack:
             max_db_connections=s.pgbouncer_max_db_connections,
             query_wait_timeout=s.pgbouncer_query_wait_timeout,
             server_login_retry=s.pgbouncer_server_login_retry,
+            name=f"pgbouncer-{index}",
+        )
+
+    def pgbouncers(self) -> list[PgBouncer]:
+        """The PGBOUNCER_INSTANCES instances this stack runs."""
+        return [self.pgbouncer(i) for i in range(1, self.settings.pgbouncer_instances + 1)]
+
+    def recorded_pgbouncers(self) -> list[int]:
+        """Indexes of the PgBouncer instances with a pid file, running or not."""
+        return sorted(
+            int(path.stem.removeprefix("pgbouncer-"))
+            for path in (self.root / "pgbouncer").glob("pgbouncer-*.pid")
+        )
+
+    def pgbouncer_url(self) -> str:
+        """The application role through every instance.
+
+        With several, libpq (16+; psycopg's wheel ships 18) picks one at random for each
+        new connection and tries the next when one refuses: the pools spread over the
+        instances, move to the survivors when one dies, and a cancel request goes to the
+        instance that runs the statement (PgBouncer 1.18 cannot forward it to a peer).
+        """
+        bouncers = self.pgbouncers()
+        if len(bouncers) == 1:
+            return bouncers[0].app_conninfo(APP_ROLE)
+        hosts = ",".join(f"127.0.0.1:{bouncer.port}" for bouncer in bouncers)
+        return (
+            f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}@{hosts}/{APP_DATABASE}"
+            "?load_balance_hosts=random"
         )
 
     def haproxy(self) -> Haproxy:
@@ -76,9 +113,18 @@ class Stack:
             self.root / "monitoring",
             s.pgbouncer_exporter_port,
             "PGBOUNCER_EXPORTER_PORT",
-            pgbouncer_port=s.pgbouncer_port,
+            pgbouncers={bouncer.name: bouncer.port for bouncer in self.pgbouncers()},
             stats_user=STATS_USER,
             stats_password=password(self.secrets, STATS_USER),
+        )
+
+    def process_exporter(self) -> ProcessExporter:
+        return ProcessExporter(
+            "process-exporter",
+            self.root / "monitoring",
+            self.settings.process_exporter_port,
+            "PROCESS_EXPORTER_PORT",
+            pgbouncer_dir=self.root / "pgbouncer",
         )
 
     def postgres_exporter(self) -> PostgresExporter:
@@ -112,12 +158,18 @@ class Stack:
                 "api": api,
                 "pgbouncer": [{"targets": [f"127.0.0.1:{s.pgbouncer_exporter_port}"]}],
                 "postgres": [{"targets": [f"127.0.0.1:{s.postgres_exporter_port}"]}],
+                "process": [{"targets": [f"127.0.0.1:{s.process_exporter_port}"]}],
                 "prometheus": [{"targets": [f"127.0.0.1:{s.prometheus_port}"]}],
             },
         )
 
-    def observers(self) -> list[PgBouncerExporter | PostgresExporter | Prometheus]:
-        return [self.pgbouncer_exporter(), self.postgres_exporter(), self.prometheus()]
+    def exporters(self) -> list[PgBouncerExporter | PostgresExporter | ProcessExporter]:
+        return [self.pgbouncer_exporter(), self.postgres_exporter(), self.process_exporter()]
+
+    def observers(
+        self,
+    ) -> list[PgBouncerExporter | PostgresExporter | ProcessExporter | Prometheus]:
+        return [*self.exporters(), self.prometheus()]
 
     def service_settings(self) -> Settings:
         """The service settings every replica gets: the environment's, pointed at PgBouncer
@@ -125,10 +177,7 @@ class Stack:
 
         Validated here, before anything starts, so a bad value stops `make up` early.
         """
-        if self.settings.via_pgbouncer:
-            url = self.pgbouncer().app_conninfo(APP_ROLE)
-        else:
-            url = self.direct_url()
+        url = self.pgbouncer_url() if self.settings.via_pgbouncer else self.direct_url()
         return Settings(database_url=url)
 
     def direct_url(self) -> str:
@@ -224,10 +273,10 @@ class Stack:
         pg.grant_role("pg_monitor", EXPORTER_ROLE)
         self._migrate(pg)
 
-        bouncer = self.pgbouncer()
-        say(f"PgBouncer    127.0.0.1:{bouncer.port} (pool_mode = transaction)")
-        bouncer.start()
-        for exporter in (self.pgbouncer_exporter(), self.postgres_exporter()):
+        for bouncer in self.pgbouncers():
+            say(f"{bouncer.name:<12} 127.0.0.1:{bouncer.port} (pool_mode = transaction)")
+            bouncer.start()
+        for exporter in self.exporters():
             exporter.start()
 
         lb = self.haproxy()
@@ -252,6 +301,12 @@ class Stack:
                 replica.stop()
         if not procs.wait_until(lambda: self._lb_healthy(lb, len(wanted)), 15.0, interval=0.2):
             raise procs.StackError(f"haproxy does not see every replica UP: {lb.server_states()}")
+        # Only now, with every replica on the new set of instances, can surplus ones go:
+        # a safe shutdown lets a transaction still running on one finish first.
+        for index in self.recorded_pgbouncers():
+            if index > s.pgbouncer_instances:
+                say(f"pgbouncer-{index}  stopping (PGBOUNCER_INSTANCES={s.pgbouncer_instances})")
+                self.pgbouncer(index).stop(SAFE_SHUTDOWN)
         prometheus = self.prometheus()
         was_running = prometheus.running()
         prometheus.start()
@@ -264,7 +319,10 @@ class Stack:
         for index in wanted:
             say(f"  {self.replica(index).name}  metrics {self.replica(index).metrics_url}")
         say(f"Prometheus   {prometheus.url}")
-        say(f"PgBouncer    postgresql://{APP_ROLE}@127.0.0.1:{bouncer.port}/{APP_DATABASE}")
+        for bouncer in self.pgbouncers():
+            say(
+                f"{bouncer.name:<12} postgresql://{APP_ROLE}@127.0.0.1:{bouncer.port}/{APP_DATABASE}"
+            )
         say(f"PostgreSQL   postgresql://127.0.0.1:{pg.port}/{APP_DATABASE}")
         say(f"passwords    {self.secrets}/")
 
@@ -273,9 +331,9 @@ class Stack:
         s = self.settings
         wanted = [
             (self.postgres().running(), s.postgres_port, "POSTGRES_PORT"),
-            (self.pgbouncer().running(), s.pgbouncer_port, "PGBOUNCER_PORT"),
             (self.haproxy().running(), s.lb_port, "LB_PORT"),
         ]
+        wanted += [(b.running(), b.port, "PGBOUNCER_PORT") for b in self.pgbouncers()]
         wanted += [
             (daemon.running(), daemon.port, daemon.port_variable) for daemon in self.observers()
         ]
@@ -335,29 +393,16 @@ class Stack:
     def status(self) -> int:
         """Print what runs; exit code 0 only when every part is healthy."""
         healthy = True
-        pg, bouncer, lb = self.postgres(), self.pgbouncer(), self.haproxy()
+        pg, lb = self.postgres(), self.haproxy()
         if pg.running():
             say(f"PostgreSQL   up on {pg.port}, client backends: {pg.client_backends()}")
         else:
             say("PostgreSQL   down")
             healthy = False
-        if bouncer.running():
-            say(f"PgBouncer    up on {bouncer.port}")
-            cols = (
-                "database",
-                "user",
-                "pool_mode",
-                "cl_active",
-                "cl_waiting",
-                "sv_active",
-                "sv_idle",
-            )
-            say("  " + "".join(f"{c:>12}" for c in cols))
-            for row in bouncer.admin("SHOW POOLS"):
-                say("  " + "".join(f"{row[c]!s:>12}" for c in cols))
-        else:
-            say("PgBouncer    down")
-            healthy = False
+        wanted = {bouncer.name for bouncer in self.pgbouncers()}
+        instances = sorted({*self.recorded_pgbouncers(), *range(1, len(wanted) + 1)})
+        for bouncer in (self.pgbouncer(i) for i in instances):
+            healthy = self._bouncer_status(bouncer, wanted=bouncer.name in wanted) and healthy
         indexes = self.recorded_replicas()
         if not indexes:
             say("replicas     none")
@@ -379,6 +424,25 @@ class Stack:
             healthy = healthy and ready
         return 0 if healthy else 1
 
+    @staticmethod
+    def _bouncer_status(bouncer: PgBouncer, *, wanted: bool) -> bool:
+        """One line for the instance and its pools; False when it is not as it should be."""
+        if not bouncer.running():
+            say(f"{bouncer.name:<12} down on {bouncer.port}")
+            return not wanted
+        try:
+            pools = bouncer.admin("SHOW POOLS")
+        except psycopg.Error as exc:
+            say(f"{bouncer.name:<12} up on {bouncer.port}, console does not answer: {exc}")
+            return False
+        extra = "" if wanted else " (not in PGBOUNCER_INSTANCES: `make up` stops it)"
+        say(f"{bouncer.name:<12} up on {bouncer.port}{extra}")
+        cols = ("database", "user", "pool_mode", "cl_active", "cl_waiting", "sv_active", "sv_idle")
+        say("  " + "".join(f"{c:>12}" for c in cols))
+        for row in pools:
+            say("  " + "".join(f"{row[c]!s:>12}" for c in cols))
+        return wanted
+
     def down(self) -> None:
         """Stop everything this stack started, by recorded pid, front to back."""
         for daemon in reversed(self.observers()):
@@ -389,8 +453,9 @@ class Stack:
         for index in self.recorded_replicas():
             if self.replica(index).stop():
                 say(f"replica-{index}    stopped")
-        if self.pgbouncer().stop():
-            say("PgBouncer    stopped")
+        for index in self.recorded_pgbouncers():
+            if self.pgbouncer(index).stop():
+                say(f"pgbouncer-{index}  stopped")
         if self.postgres().stop():
             say("PostgreSQL   stopped")
 

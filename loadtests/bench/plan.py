@@ -34,10 +34,12 @@ class Config(Enum):
     POOLED = "pooled"
     NOMETRICS = "nometrics"
     SINGLE = "single"
+    TWO_BOUNCERS = "two-bouncers"  # coalescing off, through two PgBouncer instances
     NAIVE = "naive"
     DIRECT = "direct"
     FRAMEWORK = "framework"  # GET /healthz on the pooled replica: no database
     DATABASE = "database"  # pgbench through the same PgBouncer
+    DATABASE_TWO = "database-two"  # pgbench through two PgBouncers, half the clients each
     DRIVER = "driver"  # psycopg alone (loadtests/driver_ceiling.py)
 
     @property
@@ -55,10 +57,12 @@ LABELS = {
     Config.POOLED: "pooled (as deployed)",
     Config.NOMETRICS: "pooled, metrics off",
     Config.SINGLE: "pooled, coalescing off",
+    Config.TWO_BOUNCERS: "coalescing off, 2 PgBouncers",
     Config.NAIVE: "per-request connection",
     Config.DIRECT: "direct to PostgreSQL",
     Config.FRAMEWORK: "framework ceiling",
     Config.DATABASE: "database ceiling",
+    Config.DATABASE_TWO: "database ceiling, 2 PgBouncers",
     Config.DRIVER: "driver ceiling",
 }
 
@@ -67,6 +71,8 @@ REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
     Config.POOLED: {},
     Config.NOMETRICS: {"METRICS_ENABLED": "false"},
     Config.SINGLE: {"COALESCE_MAX": "1"},
+    # Its DATABASE_URL names both PgBouncers (rig.py): each connection picks one.
+    Config.TWO_BOUNCERS: {"COALESCE_MAX": "1", "PGBOUNCER_INSTANCES": "2"},
     Config.NAIVE: {"CONNECTION_STRATEGY": "per-request"},
     Config.DIRECT: {"VIA_PGBOUNCER": "false"},
 }
@@ -95,6 +101,7 @@ PLAN = [
     RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
     RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
     RunKey(Config.SINGLE, Endpoint.GET_ITEM),
+    RunKey(Config.TWO_BOUNCERS, Endpoint.GET_ITEM),
     RunKey(Config.POOLED, Endpoint.POST_VISIT),
     RunKey(Config.SINGLE, Endpoint.POST_VISIT),
     RunKey(Config.NAIVE, Endpoint.GET_ITEM),
@@ -106,6 +113,15 @@ PLAN = [
     RunKey(Config.NOMETRICS, Endpoint.POST_VISIT),
     RunKey(Config.NAIVE, Endpoint.POST_VISIT),
     RunKey(Config.DIRECT, Endpoint.POST_VISIT),
+]
+
+
+# What each round runs after the wrk runs (rounds.database_clients), in that order.
+DATABASE_RUNS = [
+    RunKey(Config.DATABASE, Endpoint.PGBENCH_SELECT),
+    RunKey(Config.DATABASE, Endpoint.PGBENCH_VISIT),
+    RunKey(Config.DATABASE_TWO, Endpoint.PGBENCH_SELECT),
+    RunKey(Config.DRIVER, Endpoint.PSYCOPG_SELECT),
 ]
 
 
@@ -128,6 +144,8 @@ class Pair(Enum):
     ITEM_METRICS = "GET /items/{id} metrics on vs off"
     ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
     VISIT_COALESCING = "POST /visits coalescing on vs off"
+    ITEM_TWO_BOUNCERS = "GET /items/{id} coalescing off, 2 PgBouncers vs 1"
+    PGBENCH_TWO_BOUNCERS = "pgbench SELECT, 2 PgBouncers vs 1"
 
 
 # Ratios a target compares, each taken between two runs of the same round.
@@ -151,6 +169,14 @@ PAIRS = {
     Pair.VISIT_COALESCING: (
         RunKey(Config.POOLED, Endpoint.POST_VISIT),
         RunKey(Config.SINGLE, Endpoint.POST_VISIT),
+    ),
+    Pair.ITEM_TWO_BOUNCERS: (
+        RunKey(Config.TWO_BOUNCERS, Endpoint.GET_ITEM),
+        RunKey(Config.SINGLE, Endpoint.GET_ITEM),
+    ),
+    Pair.PGBENCH_TWO_BOUNCERS: (
+        RunKey(Config.DATABASE_TWO, Endpoint.PGBENCH_SELECT),
+        RunKey(Config.DATABASE, Endpoint.PGBENCH_SELECT),
     ),
 }
 

@@ -20,14 +20,15 @@ FLUSH_WAIT_S = 1.2  # a little over the replicas' POOL_STATS_INTERVAL (1 s)
 class CPUMeter:
     """CPU seconds (user + system) spent by each group of processes during a run.
 
-    Groups: a replica's workers (children of its gunicorn master), PgBouncer, every
-    PostgreSQL process, and our own child processes (wrk or pgbench, from rusage).
+    Groups: a replica's workers (children of its gunicorn master), PgBouncer (every
+    instance), every PostgreSQL process, and our own child processes (wrk or pgbench,
+    from rusage).
     """
 
     TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, bouncer_pid_file: Path, postgres_pid_file: Path) -> None:
-        self.bouncer_pid_file = bouncer_pid_file
+    def __init__(self, bouncer_pid_files: list[Path], postgres_pid_file: Path) -> None:
+        self.bouncer_pid_files = bouncer_pid_files
         self.postgres_pid_file = postgres_pid_file
 
     @classmethod
@@ -42,7 +43,7 @@ class CPUMeter:
     def _read(self, master: int | None) -> dict[str, dict[int, float]]:
         groups: dict[str, list[int]] = {
             "workers": worker_pids(master) if master else [],
-            "pgbouncer": [p for p in [procs.read_pid(self.bouncer_pid_file)] if p],
+            "pgbouncer": [p for p in map(procs.read_pid, self.bouncer_pid_files) if p],
         }
         postmaster = procs.read_pid(self.postgres_pid_file)
         groups["postgres"] = [postmaster, *worker_pids(postmaster)] if postmaster else []

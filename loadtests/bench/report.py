@@ -127,8 +127,36 @@ def build_report(
             for config, f in footprints.items()
         ],
         "targets": build_targets(by, paired, footprints[Config.POOLED]),
+        "pgbouncer_instances": bouncer_scaling(by, paired),
         "profile": profile_text,
     }
+
+
+def bouncer_scaling(by: dict[RunKey, Result], paired: dict[Pair, float]) -> dict[str, Any]:
+    """What a second PgBouncer bought: the per-round ratios, and PgBouncer's own CPU per
+    statement, which says how close one instance was to the one core it can use."""
+    found: dict[str, Any] = {"cores": os.cpu_count() or 1}
+    for name, pair, one in (
+        ("get_item", Pair.ITEM_TWO_BOUNCERS, RunKey(Config.SINGLE, Endpoint.GET_ITEM)),
+        (
+            "pgbench_select",
+            Pair.PGBENCH_TWO_BOUNCERS,
+            RunKey(Config.DATABASE, Endpoint.PGBENCH_SELECT),
+        ),
+    ):
+        single = by.get(one)
+        if pair not in paired or single is None:
+            continue
+        bouncer_ms = single.cpu_ms.get("pgbouncer", 0.0)
+        found[name] = {
+            "ratio_two_vs_one": round(paired[pair], 3),
+            "one_instance_rps": round(single.rps),
+            "pgbouncer_cpu_ms_per_statement": round(bouncer_ms, 4),
+            # One process, one core: the most statements/s one instance could pass.
+            "one_instance_ceiling_per_s": round(1000 / bouncer_ms) if bouncer_ms else None,
+            "pgbouncer_core_share": round(single.rps * bouncer_ms / 1000, 2),
+        }
+    return found
 
 
 def latency_floor(
@@ -250,6 +278,7 @@ def markdown(report: dict[str, Any]) -> str:
             f" {f['requests_per_statement']} requests per statement, so the database path"
             f" (the driver's, PgBouncer's and PostgreSQL's share) is paid once per batch."
         )
+    lines += bouncer_scaling_lines(report.get("pgbouncer_instances", {}))
     lines += ["", "| configuration | start to ready | worker RSS at rest | worker RSS under load |"]
     lines += ["|---|---|---|---|"]
     for p in report["processes"]:
@@ -266,6 +295,59 @@ def markdown(report: dict[str, Any]) -> str:
     if report["profile"]:
         lines += ["", "## Profile", "", "```", report["profile"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def bouncer_scaling_lines(found: dict[str, Any]) -> list[str]:
+    """The paragraph on what a second PgBouncer buys on this machine, and why."""
+    rows = [(label, found[key]) for key, label in _SCALING_LABELS.items() if key in found]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "What a second PgBouncer buys (per-round ratios, 2 instances vs 1, coalescing off so"
+        " that every request is a statement of its own):",
+        "",
+        "| run | 2 vs 1 | 1 instance /s | PgBouncer CPU ms per statement |"
+        " one instance's ceiling /s | cores PgBouncer used |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        ceiling = r["one_instance_ceiling_per_s"]
+        lines.append(
+            f"| {label} | {r['ratio_two_vs_one']:.2f}x | {r['one_instance_rps']} |"
+            f" {r['pgbouncer_cpu_ms_per_statement']:.4f} | {ceiling or '-'} |"
+            f" {r['pgbouncer_core_share']:.2f} |"
+        )
+    busiest = max(r["pgbouncer_core_share"] for _, r in rows)
+    if busiest < 0.5:
+        verdict = (
+            f"Here one instance used at most {busiest:.2f} of a core: PgBouncer was not the"
+            " bottleneck, so a second one cannot add throughput on this machine (the ratios"
+            " above are the machine's noise and the second instance's own overhead); what"
+            " it buys here is availability (the fault suite's pgbouncer-one-of-two-killed"
+            " row)."
+        )
+    else:
+        verdict = (
+            f"Here one instance used {busiest:.2f} of a core: near its ceiling, where a"
+            " second instance on a free core adds throughput, as far as the cores the"
+            " others leave allow."
+        )
+    lines += [
+        "",
+        "PgBouncer is one process: one instance can use one core at most, so its ceiling is"
+        " 1000 / (its CPU ms per statement). A second instance buys throughput only where"
+        f" one was near that ceiling and a core is left for the other; here {found['cores']}"
+        " cores are shared by the workers, PostgreSQL, the load generator and PgBouncer. "
+        + verdict,
+    ]
+    return lines
+
+
+_SCALING_LABELS = {
+    "get_item": "GET /items/{id}, coalescing off",
+    "pgbench_select": "pgbench SELECT by id",
+}
 
 
 def _x(value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""The servers under test: one PostgreSQL, one PgBouncer, and a replica per configuration.
+"""The servers under test: one PostgreSQL, two PgBouncers (the second for the runs that
+measure what it buys), and a replica per configuration.
 
 All of them start before the first run, so every configuration is measured in the same
 conditions, and all stop (by recorded pid) when the block ends, whatever happened.
@@ -50,19 +51,29 @@ class Rig:
     scratch: Path
     password: str
     postgres: Postgres
-    bouncer: PgBouncer
+    bouncers: list[PgBouncer]  # the first serves every configuration; both, two-bouncers
     replicas: dict[Config, Replica]
     footprints: dict[Config, Footprint]
     lua: dict[Endpoint, Path]
     sql: dict[Endpoint, Path]
 
     @property
+    def bouncer(self) -> PgBouncer:
+        return self.bouncers[0]
+
+    @property
     def pooled_url(self) -> str:
         """The application's libpq URL through PgBouncer."""
         return self.bouncer.app_conninfo(APP)
 
+    @property
+    def two_bouncers_url(self) -> str:
+        """Through either PgBouncer, picked at random per connection (as make up does)."""
+        hosts = ",".join(f"127.0.0.1:{b.port}" for b in self.bouncers)
+        return f"postgresql://{APP}:{self.password}@{hosts}/{APP}?load_balance_hosts=random"
+
     def meter(self) -> CPUMeter:
-        return CPUMeter(self.bouncer.pid_file, self.postgres.pid_file)
+        return CPUMeter([b.pid_file for b in self.bouncers], self.postgres.pid_file)
 
 
 @contextmanager
@@ -73,42 +84,50 @@ def rig() -> Iterator[Rig]:
     """
     scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
     scratch.chmod(0o755)
-    # PostgreSQL, PgBouncer, then each configuration's replica port and metrics port.
-    base = procs.free_port_block(2 + 2 * len(REPLICA_SETTINGS))
-    metrics_base = base + 1 + len(REPLICA_SETTINGS)
+    # PostgreSQL, two PgBouncers, then each configuration's replica port and metrics port.
+    base = procs.free_port_block(3 + 2 * len(REPLICA_SETTINGS))
+    metrics_base = base + 2 + len(REPLICA_SETTINGS)
     password = secrets.token_urlsafe(16)
+    admin_password = secrets.token_urlsafe(16)
     pg = Postgres(scratch / "postgres", base, max_connections=100)
-    bouncer = PgBouncer(
-        scratch / "pgbouncer",
-        base + 1,
-        pg.port,
-        APP,
-        users={APP: password},
-        admin_password=secrets.token_urlsafe(16),
-        default_pool_size=20,
-    )
+    bouncers = [
+        PgBouncer(
+            scratch / "pgbouncer",
+            base + index,
+            pg.port,
+            APP,
+            users={APP: password},
+            admin_password=admin_password,
+            default_pool_size=20,
+            name=f"pgbouncer-{index}",
+        )
+        for index in (1, 2)
+    ]
     lua, sql = write_scripts(scratch)
-    started = Rig(scratch, password, pg, bouncer, {}, {}, lua, sql)
+    started = Rig(scratch, password, pg, bouncers, {}, {}, lua, sql)
+    urls = {Config.TWO_BOUNCERS: started.two_bouncers_url}
     try:
-        direct_url = start_databases(pg, bouncer, password)
+        direct_url = start_databases(pg, bouncers, password)
+        urls[Config.DIRECT] = direct_url
         for i, config in enumerate(REPLICA_SETTINGS, start=1):
-            url = direct_url if config is Config.DIRECT else started.pooled_url
+            url = urls.get(config, started.pooled_url)
             env = {**COMMON, "DATABASE_URL": url, **REPLICA_SETTINGS[config]}
-            replica = Replica(scratch / "replicas", i, base + 1 + i, metrics_base + i, env)
+            replica = Replica(scratch / "replicas", i, base + 2 + i, metrics_base + i, env)
             started.replicas[config] = replica
             started.footprints[config] = start_replica(config, replica)
         yield started
     finally:
         for replica in started.replicas.values():
             replica.stop()
-        bouncer.stop()
+        for bouncer in bouncers:
+            bouncer.stop()
         pg.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def start_databases(pg: Postgres, bouncer: PgBouncer, password: str) -> str:
-    """PostgreSQL with the application's role, database and seeded schema, then
-    PgBouncer in front of it; returns the direct URL."""
+def start_databases(pg: Postgres, bouncers: list[PgBouncer], password: str) -> str:
+    """PostgreSQL with the application's role, database and seeded schema, then the
+    PgBouncers in front of it; returns the direct URL."""
     pg.init()
     pg.start()
     pg.ensure_role(APP, password)
@@ -121,7 +140,8 @@ def start_databases(pg: Postgres, bouncer: PgBouncer, password: str) -> str:
         check=True,
         capture_output=True,
     )
-    bouncer.start()
+    for bouncer in bouncers:
+        bouncer.start()
     return direct_url
 
 

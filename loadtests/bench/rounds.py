@@ -8,7 +8,7 @@ import functools
 from collections.abc import Callable
 
 from infra.localstack import procs
-from loadtests.bench.plan import STATEMENT_OF, Config, Options, RunKey
+from loadtests.bench.plan import STATEMENT_OF, Config, Endpoint, Options, RunKey
 from loadtests.bench.probes import CPUMeter, StatementCounter, worker_rss
 from loadtests.bench.results import Result, per_request
 from loadtests.bench.rig import Rig, say
@@ -71,12 +71,26 @@ def http_run(rig: Rig, meter: CPUMeter, key: RunKey, connections: int, duration:
 
 
 def database_clients(rig: Rig, duration: int) -> list[Callable[[], Result]]:
-    """pgbench with each endpoint's SQL, then psycopg alone: the database path's ceiling."""
+    """pgbench with each endpoint's SQL (the SELECT again through both PgBouncers), then
+    psycopg alone: the database path's ceiling (plan.DATABASE_RUNS, in that order)."""
     clients: list[Callable[[], Result]] = [
         functools.partial(
-            run_pgbench, rig.bouncer, rig.password, endpoint, path, duration, rig.scratch
+            run_pgbench, [rig.bouncer], rig.password, endpoint, path, duration, rig.scratch
         )
         for endpoint, path in rig.sql.items()
     ]
+    # The same SELECT through both instances: what a second PgBouncer buys the database path.
+    clients.append(
+        functools.partial(
+            run_pgbench,
+            rig.bouncers,
+            rig.password,
+            Endpoint.PGBENCH_SELECT,
+            rig.sql[Endpoint.PGBENCH_SELECT],
+            duration,
+            rig.scratch,
+            Config.DATABASE_TWO,
+        )
+    )
     clients.append(functools.partial(run_driver, rig.pooled_url, duration))
     return clients

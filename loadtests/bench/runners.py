@@ -72,61 +72,73 @@ def run_driver(url: str, duration: int) -> Result:
 
 
 def run_pgbench(
-    bouncer: PgBouncer,
+    bouncers: list[PgBouncer],
     password: str,
     endpoint: Endpoint,
     script: Path,
     duration: int,
     log_dir: Path,
+    config: Config = Config.DATABASE,
 ) -> Result:
     """An endpoint's SQL run by pgbench through the same PgBouncer: what the database
-    path can carry, with as many connections as the pooled replica holds."""
+    path can carry, with as many connections as the pooled replica holds.
+
+    With several PgBouncers, one pgbench per instance at once, the clients split evenly
+    (Debian's pgbench links libpq 15: no load_balance_hosts), their rates added.
+    """
     for old in log_dir.glob("pgbench_log*"):
         old.unlink()
-    clients = WORKERS * POOL
-    result = subprocess.run(
-        [
-            str(PG_BIN / "pgbench"),
-            "-n",
-            "-M",
-            "simple",  # no server-side prepared statements: transaction pooling
-            f"-c{clients}",
-            "-j2",
-            f"-T{duration}",
-            "-f",
-            str(script),
-            "-l",
-            "--log-prefix",
-            str(log_dir / "pgbench_log"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(bouncer.port),
-            "-U",
-            APP,
-            APP,
-        ],
-        env={**os.environ, "PGPASSWORD": password},
-        capture_output=True,
-        text=True,
-        timeout=duration + 60,
-        check=True,
-        cwd=log_dir,
-    )
+    clients = WORKERS * POOL // len(bouncers)
+    running = [
+        subprocess.Popen(
+            [
+                str(PG_BIN / "pgbench"),
+                "-n",
+                "-M",
+                "simple",  # no server-side prepared statements: transaction pooling
+                f"-c{clients}",
+                "-j2",
+                f"-T{duration}",
+                "-f",
+                str(script),
+                "-l",
+                "--log-prefix",
+                str(log_dir / f"pgbench_log_{bouncer.name}"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(bouncer.port),
+                "-U",
+                APP,
+                APP,
+            ],
+            env={**os.environ, "PGPASSWORD": password},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=log_dir,
+        )
+        for bouncer in bouncers
+    ]
+    tps = 0.0
+    for process in running:
+        stdout, stderr = process.communicate(timeout=duration + 60)
+        if process.returncode != 0:
+            raise subprocess.CalledProcessError(process.returncode, process.args, stdout, stderr)
+        tps += next(
+            float(line.split("=")[1].split()[0])
+            for line in stdout.splitlines()
+            if line.startswith("tps =")
+        )
     latencies = []
     for log in log_dir.glob("pgbench_log*"):
         for line in log.read_text().splitlines():
             parts = line.split()
             if len(parts) >= 3:
                 latencies.append(int(parts[2]))  # microseconds
-    tps = next(
-        float(line.split("=")[1].split()[0])
-        for line in result.stdout.splitlines()
-        if line.startswith("tps =")
-    )
     latencies.sort()
     return Result(
-        key=RunKey(Config.DATABASE, endpoint),
+        key=RunKey(config, endpoint),
         rps=tps,
         p50_ms=latencies[len(latencies) // 2] / 1000,
         p99_ms=latencies[int(len(latencies) * 0.99)] / 1000,

@@ -12,7 +12,8 @@ Locust's event loop never waits on a database, even one that does not answer.
 Environment:
 
 - `SAMPLER_PGBOUNCER_URL`: libpq DSN of PgBouncer's admin console (`dbname=pgbouncer`,
-  a user in admin_users or stats_users). Default: the local stack's; `off` skips it.
+  a user in admin_users or stats_users), or one per instance separated by `;`.
+  Default: the local stack's (every instance); `off` skips it.
 - `SAMPLER_POSTGRES_URL`: libpq DSN of PostgreSQL for a role that sees every backend
   (a superuser or pg_monitor). Default: the local stack's superuser over its Unix
   socket; `off` skips it.
@@ -45,7 +46,7 @@ from locust.runners import WorkerRunner
 from infra.localstack.config import REPO
 from loadtests.common import checks
 from loadtests.common.hooks import on
-from loadtests.common.sampling import CONNECT_TIMEOUT, CsvLog, Probe, Sample
+from loadtests.common.sampling import CONNECT_TIMEOUT, CsvLog, Probe, Sample, join_dsns
 
 logger = logging.getLogger("loadtests.sampler")
 
@@ -77,7 +78,11 @@ def local_stack_conninfo() -> tuple[str | None, str | None]:
     stack = Stack(StackSettings())
     secrets = [stack.secrets / f"{name}.password" for name in ("pgbouncer_admin", "app")]
     # Stack.pgbouncer() creates passwords it does not find: ask it only once `make up` has.
-    pgbouncer = stack.pgbouncer().admin_conninfo() if all(p.exists() for p in secrets) else None
+    pgbouncer = (
+        join_dsns(b.admin_conninfo() for b in stack.pgbouncers())
+        if all(p.exists() for p in secrets)
+        else None
+    )
     postgres = stack.postgres()
     superuser = postgres.superuser_conninfo() if postgres.socket_dir.exists() else None
     return pgbouncer, superuser

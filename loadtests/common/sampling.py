@@ -8,15 +8,19 @@ CSV columns (`COLUMNS`), one row per sample:
 
 - `timestamp` (UTC, ISO 8601), `elapsed_s` since the sampler started, `users` (Locust
   users running), `saturated_503` (shed 503s so far, see checks.py);
-- PgBouncer, summed over its pools except the admin console's: `cl_active`,
-  `cl_waiting`, `sv_active`, `sv_idle`, `sv_used`, `sv_login`, `maxwait_ms` (the
-  longest wait of a queued client); `pgb_servers` (SHOW SERVERS), `pgb_clients`
-  (SHOW CLIENTS, every client connection: what max_client_conn limits);
+- PgBouncer, summed over its pools except the admin console's (and over every
+  instance that answered, when there are several): `cl_active`, `cl_waiting`,
+  `sv_active`, `sv_idle`, `sv_used`, `sv_login`, `maxwait_ms` (the longest wait of a
+  queued client); `pgb_servers` (SHOW SERVERS), `pgb_clients` (SHOW CLIENTS, every
+  client connection: what max_client_conn limits);
 - PostgreSQL client backends but our own: `pg_client_backends`, `pg_active`,
   `pg_idle`, `pg_idle_in_transaction`, and `pg_max_connections`;
 - `pgb_clients_by_replica` and `pg_backends_by_replica`: `replica-1=8;replica-2=8`,
   counted by application_name (pools name theirs `<replica>-<pid>`; behind PgBouncer a
-  server connection carries the name of the last client it served).
+  server connection carries the name of the last client it served);
+- `pgb_clients_by_instance` and `pgb_servers_by_instance`: `pgbouncer-1=8;pgbouncer-2=8`,
+  the app client and server connections of each PgBouncer instance (one that does not
+  answer is left out).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ COLUMNS = (
     "pg_max_connections",
     "pgb_clients_by_replica",
     "pg_backends_by_replica",
+    "pgb_clients_by_instance",
+    "pgb_servers_by_instance",
 )
 
 _PID_SUFFIX = re.compile(r"-\d+$")
@@ -76,6 +82,11 @@ PG_ACTIVITY: LiteralString = """
     LEFT JOIN pg_stat_activity AS a
         ON a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()
 """
+
+
+def join_dsns(dsns: Iterable[str]) -> str:
+    """Several PgBouncer consoles as one `SAMPLER_PGBOUNCER_URL` (Probe splits it)."""
+    return ";".join(dsns)
 
 
 def replica_of(application_name: str) -> str:
@@ -106,6 +117,38 @@ def bouncer_counts(pools: Iterable[Row], clients: Iterable[Row], servers: Iterab
     counts["pgb_servers"] = sum(1 for _ in servers)
     counts["pgb_clients"] = len(all_clients)
     counts["pgb_clients_by_replica"] = by_replica(per_replica)
+    counts["pgb_app_clients"] = sum(per_replica.values())
+    return counts
+
+
+def combined_bouncer_counts(instances: Mapping[str, Row]) -> Row:
+    """The PgBouncer columns of several instances (name -> bouncer_counts) as one row."""
+    summed = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_login")
+    counts: dict[str, Any] = {
+        name: sum(int(row[name]) for row in instances.values())
+        for name in (*summed, "pgb_servers", "pgb_clients")
+    }
+    counts["maxwait_ms"] = max((row["maxwait_ms"] for row in instances.values()), default=0.0)
+    per_replica: Counter[str] = Counter()
+    for row in instances.values():
+        per_replica.update(parse_counts(row["pgb_clients_by_replica"]))
+    counts["pgb_clients_by_replica"] = by_replica(per_replica)
+    counts["pgb_clients_by_instance"] = by_replica(
+        {name: int(row["pgb_app_clients"]) for name, row in instances.items()}
+    )
+    counts["pgb_servers_by_instance"] = by_replica(
+        {name: int(row["pgb_servers"]) for name, row in instances.items()}
+    )
+    return counts
+
+
+def parse_counts(cell: str | None) -> dict[str, int]:
+    """`replica-1=8;replica-2=8` -> {"replica-1": 8, "replica-2": 8} (by_replica's inverse)."""
+    counts: dict[str, int] = {}
+    for part in (cell or "").split(";"):
+        name, _, count = part.partition("=")
+        if name and count.isdigit():
+            counts[name] = int(count)
     return counts
 
 
@@ -207,34 +250,39 @@ class Probe:
     """Keeps one connection to each source and reads the counts. Blocking; not thread-safe.
 
     `pgbouncer` is a DSN of PgBouncer's admin console (its user listed in admin_users
-    or stats_users), `postgres` one of PostgreSQL for a role that sees every backend
-    (a superuser or pg_monitor). None skips that source.
+    or stats_users), or several separated by `;`, one per instance (named pgbouncer-1,
+    pgbouncer-2, ... in that order); `postgres` one of PostgreSQL for a role that sees
+    every backend (a superuser or pg_monitor). None skips that source.
     """
 
     pgbouncer: str | None
     postgres: str | None
     _sources: dict[str, _Source] = field(default_factory=dict, init=False)
+    _bouncers: dict[str, _Source] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        if self.pgbouncer:
+        dsns = [dsn.strip() for dsn in (self.pgbouncer or "").split(";") if dsn.strip()]
+        for index, dsn in enumerate(dsns, 1):
+            name = f"pgbouncer-{index}"
+            label = "PgBouncer" if len(dsns) == 1 else name
             # The console speaks only the simple query protocol: a ClientCursor uses it.
-            self._sources["pgbouncer"] = _Source("PgBouncer", self.pgbouncer, psycopg.ClientCursor)
+            self._bouncers[name] = _Source(label, dsn, psycopg.ClientCursor)
         if self.postgres:
             self._sources["postgres"] = _Source("PostgreSQL", self.postgres, None)
 
     def read_bouncer(self) -> Row | None:
-        source = self._sources.get("pgbouncer")
-        if source is None:
-            return None
-        try:
-            pools = source.query("SHOW POOLS")
-            clients = source.query("SHOW CLIENTS")
-            counts = bouncer_counts(pools, clients, source.query("SHOW SERVERS"))
-        except psycopg.Error as exc:
-            source.failed(exc)
-            return None
-        source.answered()
-        return counts
+        """The PgBouncer columns, over every instance that answered (None: none did)."""
+        answered: dict[str, Row] = {}
+        for name, source in self._bouncers.items():
+            try:
+                pools = source.query("SHOW POOLS")
+                clients = source.query("SHOW CLIENTS")
+                answered[name] = bouncer_counts(pools, clients, source.query("SHOW SERVERS"))
+            except psycopg.Error as exc:
+                source.failed(exc)
+                continue
+            source.answered()
+        return combined_bouncer_counts(answered) if answered else None
 
     def read_postgres(self) -> Row | None:
         source = self._sources.get("postgres")
@@ -253,7 +301,7 @@ class Probe:
         return self.read_bouncer(), self.read_postgres()
 
     def close(self) -> None:
-        for source in self._sources.values():
+        for source in (*self._bouncers.values(), *self._sources.values()):
             source.close()
 
 

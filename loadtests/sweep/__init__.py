@@ -1,6 +1,7 @@
 """The workers x replicas sweep: how connections grow, with and without PgBouncer.
 
-For every cell of WORKERS_GRID x REPLICAS_GRID (fixed POOL_MAX) it reshapes a private
+For every cell of WORKERS_GRID x REPLICAS_GRID x INSTANCES_GRID (PgBouncer instances,
+default "1 2"; fixed POOL_MAX) it reshapes a private
 local stack and runs Locust headless with loadtests/saturate.py (browse.py's reads, with
 no pause between them) and four users per pooled connection, so that every pool is full
 with more requests waiting, however fast the machine; with coalescing off
@@ -10,7 +11,8 @@ plugin) and compares what it measured with service/budget.py's prediction. Then 
 same grid with the replicas pointed straight at PostgreSQL and a deliberately small
 max_connections: the cells the budget says cannot fit must fail, the others must not.
 
-    .venv/bin/python -m loadtests.sweep [--workers 1 2 4] [--replicas 1 2 3] [--duration 20]
+    .venv/bin/python -m loadtests.sweep [--workers 1 2 4] [--replicas 1 2 3] [--instances 1 2]
+        [--duration 20]
 
 `make sweep WORKERS_GRID="1 2" REPLICAS_GRID="1" DURATION=10` runs it. The report goes to
 reports/sweep/<timestamp>/ (report.md, cells.csv, summary.json, PNG charts), and

@@ -29,6 +29,13 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path | None]:
     parser.add_argument(
         "--replicas", type=int, nargs="+", default=grid(os.environ.get("REPLICAS_GRID") or "1 2 3")
     )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        default=grid(os.environ.get("INSTANCES_GRID") or "1 2"),
+        help="PgBouncer instances (the PgBouncer cells only)",
+    )
     parser.add_argument("--duration", type=int, default=int(os.environ.get("DURATION") or 20))
     parser.add_argument("--pool-max", type=int, default=int(os.environ.get("SWEEP_POOL_MAX") or 4))
     parser.add_argument(
@@ -49,7 +56,7 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path | None]:
     args = parser.parse_args(argv)
     if args.duration < 3:
         parser.error("--duration must be at least 3 seconds")
-    if min(args.workers) < 1 or min(args.replicas) < 1:
+    if min(args.workers) < 1 or min(args.replicas) < 1 or min(args.instances) < 1:
         parser.error("grid values must be positive integers")
     plan = Plan(
         workers=tuple(args.workers),
@@ -59,6 +66,7 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path | None]:
         direct_max_connections=args.direct_max_connections,
         pgbouncer_pool_size=args.pgbouncer_pool_size,
         modes=tuple(Mode(m) for m in args.modes),
+        instances=tuple(args.instances),
     )
     return plan, args.out
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import csv
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from loadtests.common.prom import Scrape
+from loadtests.common.sampling import by_replica, parse_counts
 from loadtests.sweep.plan import Mode
 
 
@@ -30,25 +32,34 @@ def pool_pressure(http: httpx.Client, urls: list[str]) -> tuple[int, int]:
 
 def replica_sum(cell: str | None) -> int:
     """`replica-1=8;replica-2=8` -> 16 (other application names ignored)."""
-    total = 0
-    for part in (cell or "").split(";"):
-        name, _, count = part.partition("=")
-        if name.startswith("replica-") and count.isdigit():
-            total += int(count)
-    return total
+    return sum(n for name, n in parse_counts(cell).items() if name.startswith("replica-"))
 
 
-def peaks(samples_csv: Path, mode: Mode) -> dict[str, int]:
-    """Peak connection counts over the run, from the sampler's CSV."""
+def peaks(samples_csv: Path, mode: Mode) -> dict[str, Any]:
+    """Peak connection counts over the run, from the sampler's CSV, and how the clients
+    split over the PgBouncer instances when they peaked (each instance's server peak)."""
     clients = servers = backends = shed = 0
+    split = ""
+    instance_servers: dict[str, int] = {}
     column = "pgb_clients_by_replica" if mode is Mode.PGBOUNCER else "pg_backends_by_replica"
     with samples_csv.open() as f:
         for row in csv.DictReader(f):
             shed = max(shed, int(row.get("saturated_503") or 0))
-            clients = max(clients, replica_sum(row.get(column)))
+            now = replica_sum(row.get(column))
+            if now > clients:
+                clients, split = now, row.get("pgb_clients_by_instance") or ""
             servers = max(servers, int(row.get("pgb_servers") or 0))
             backends = max(backends, int(row.get("pg_client_backends") or 0))
-    return {"clients": clients, "servers": servers, "backends": backends, "shed": shed}
+            for name, n in parse_counts(row.get("pgb_servers_by_instance")).items():
+                instance_servers[name] = max(n, instance_servers.get(name, 0))
+    return {
+        "clients": clients,
+        "servers": servers,
+        "backends": backends,
+        "shed": shed,
+        "clients_by_instance": split,
+        "servers_by_instance": by_replica(instance_servers),
+    }
 
 
 def locust_totals(stats_csv: Path) -> dict[str, float]:

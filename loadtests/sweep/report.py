@@ -34,9 +34,10 @@ def write_report(plan: Plan, cells: list[Cell], out: Path) -> None:
 
 def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
     lines = [
-        "# Workers x replicas sweep",
+        "# Workers x replicas x PgBouncers sweep",
         "",
-        f"Grid: workers {list(plan.workers)} x replicas {list(plan.replicas)}, POOL_MAX"
+        f"Grid: workers {list(plan.workers)} x replicas {list(plan.replicas)} x PgBouncer"
+        f" instances {list(plan.instances)} (PgBouncer cells), POOL_MAX"
         f" {plan.pool_max} (POOL_MIN 1: the pools grow under load, and overflowing direct"
         " replicas still boot; coalescing off, COALESCE_MAX 1, so that every queued request"
         f" needs a connection of its own), {plan.duration} s of loadtests/saturate.py per"
@@ -46,17 +47,25 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         f" Direct cells: PostgreSQL with max_connections {plan.direct_max_connections}.",
         "",
         "Predicted = R x W x POOL_MAX (service/budget.py); measured = the peak the sampler saw"
-        " (app connections in PgBouncer's SHOW CLIENTS, or in pg_stat_activity when direct).",
+        " (app connections in PgBouncer's SHOW CLIENTS, or in pg_stat_activity when direct)."
+        " With several PgBouncers, each new connection picks one at random"
+        " (libpq's load_balance_hosts=random): each instance's share is predicted within"
+        " mean +- 3 sigma of a binomial split, and each holds at most its own server pool,"
+        " so PostgreSQL's side grows with instances x pool, not with replicas.",
         "",
-        "| mode | W | R | predicted clients | measured clients | PgBouncer servers |"
-        " PostgreSQL backends | req/s | p50 ms | p95 ms | p99 ms | failures | shed 503 |"
-        " pool waiters | refused connections | budget | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | W | R | PgBouncers | predicted clients | measured clients | split |"
+        " PgBouncer servers | PostgreSQL backends | req/s | p50 ms | p95 ms | p99 ms |"
+        " failures | shed 503 | pool waiters | refused connections | budget | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
+        pooled = c.mode is Mode.PGBOUNCER
+        instances = c.pgbouncer_instances if pooled else "-"
         lines.append(
-            f"| {c.mode} | {c.workers} | {c.replicas} | {c.predicted_clients} |"
-            f" {c.measured_clients} | {c.pgbouncer_servers if c.mode is Mode.PGBOUNCER else '-'} |"
+            f"| {c.mode} | {c.workers} | {c.replicas} | {instances} |"
+            f" {c.predicted_clients} | {c.measured_clients} |"
+            f" {c.clients_by_instance.replace(';', ' ') if pooled else '-'} |"
+            f" {c.pgbouncer_servers if pooled else '-'} |"
             f" {c.postgres_backends} | {c.requests_per_s:.0f} | {c.p50_ms:.0f} | {c.p95_ms:.0f} |"
             f" {c.p99_ms:.0f} | {c.failures} | {c.shed_503} | {c.pool_waiters} |"
             f" {c.connection_errors} |"

@@ -17,6 +17,7 @@ import httpx
 from infra.localstack.config import REPO, StackSettings, private_settings
 from infra.localstack.stack import Stack
 from loadtests.common.poll import Poll
+from loadtests.common.sampling import join_dsns
 from loadtests.sweep.cells import Cell, judge
 from loadtests.sweep.plan import CellKey, Mode, Plan
 from loadtests.sweep.probes import locust_totals, peaks, pool_pressure
@@ -37,7 +38,7 @@ def say(line: str) -> None:
 def run_locust(stack: Stack, users: int, duration: int, prefix: Path) -> str:
     env = {
         **os.environ,
-        "SAMPLER_PGBOUNCER_URL": stack.pgbouncer().admin_conninfo(),
+        "SAMPLER_PGBOUNCER_URL": join_dsns(b.admin_conninfo() for b in stack.pgbouncers()),
         "SAMPLER_POSTGRES_URL": stack.postgres().superuser_conninfo(),
         "SEED_ITEMS": str(SEED_ITEMS),
         "LOADTEST_MAX_FAIL_RATIO": "1",  # the sweep reports failures; it does not gate on them
@@ -87,13 +88,17 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         }
     )
     settings = stack_settings.model_copy(
-        update={"replicas": key.replicas, "via_pgbouncer": key.mode is Mode.PGBOUNCER}
+        update={
+            "replicas": key.replicas,
+            "via_pgbouncer": key.mode is Mode.PGBOUNCER,
+            "pgbouncer_instances": key.instances,
+        }
     )
     stack = Stack(settings)
     budget = check(deployment_topology(Settings(), settings))
     log = out / "stack.log"
     with log.open("a") as stack_log, contextlib.redirect_stdout(stack_log):
-        print(f"\n=== {key.mode} W={key.workers} R={key.replicas}")
+        print(f"\n=== {key.mode} W={key.workers} R={key.replicas} PgBouncers={key.instances}")
         stack.up(enforce_budget=False)
     users = min(400, plan.users_per_connection * budget.clients_at_peak)
     prefix = out / key.prefix
@@ -110,12 +115,15 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         mode=key.mode,
         workers=key.workers,
         replicas=key.replicas,
+        pgbouncer_instances=key.instances,
         pool_max=plan.pool_max,
         predicted_clients=budget.clients_at_peak,
         budget_fits=budget.ok,
         budget_server_at_peak=budget.server_at_peak,
         measured_clients=measured["clients"],
         pgbouncer_servers=measured["servers"] if key.mode is Mode.PGBOUNCER else 0,
+        clients_by_instance=measured["clients_by_instance"],
+        servers_by_instance=measured["servers_by_instance"],
         postgres_backends=measured["backends"],
         postgres_max_connections=settings.postgres_max_connections,
         requests=int(totals["requests"]),
@@ -163,14 +171,17 @@ def sweep(plan: Plan, out: Path) -> list[Cell]:
     scratch.chmod(0o755)
     saved_env = dict(os.environ)
     try:
-        base, _ = private_settings(scratch / "stack", seed_items=SEED_ITEMS)
+        base, _ = private_settings(
+            scratch / "stack", most_pgbouncers=max(plan.instances), seed_items=SEED_ITEMS
+        )
         for mode in plan.modes:
             settings = mode_settings(base, mode, plan)
             try:
                 for key in plan.cells(mode):
                     say(
                         f"[{len(cells) + 1}/{total}] {key.mode:<9} W={key.workers}"
-                        f" R={key.replicas} ({time.monotonic() - started:.0f}s elapsed) ..."
+                        f" R={key.replicas} PgBouncers={key.instances}"
+                        f" ({time.monotonic() - started:.0f}s elapsed) ..."
                     )
                     cells.append(run_cell(settings, key, plan, out))
                     say(progress(cells[-1]))
@@ -187,9 +198,10 @@ def sweep(plan: Plan, out: Path) -> list[Cell]:
 def progress(cell: Cell) -> str:
     """The line printed after each cell."""
     mark = "ok " if cell.as_predicted else "OFF"
+    split = f" ({cell.clients_by_instance})" if cell.pgbouncer_instances > 1 else ""
     return (
         f"      {mark} predicted {cell.predicted_clients:>3}"
-        f" measured {cell.measured_clients:>3}"
+        f" measured {cell.measured_clients:>3}{split}"
         f" | PgBouncer servers {cell.pgbouncer_servers:>2}"
         f" | PostgreSQL backends {cell.postgres_backends:>3}"
         f" | {cell.requests_per_s:>6.1f} req/s p99 {cell.p99_ms:.0f} ms"

@@ -100,6 +100,7 @@ class Fault:
     # 503 too, counted apart in the report); anything else fails the row.
     allowed_errors: frozenset[str] = frozenset({"503", "503(lb)"})
     reserved_items: int = 0  # items the steady load leaves alone (for the fault's probes)
+    pgbouncer_instances: int = 1  # the stack it needs: several run on a stack of their own
 
 
 # ---- the phase ---------------------------------------------------------------------------
@@ -290,6 +291,38 @@ def pgbouncer_stopped(sig: signal.Signals, down_for: float = 1.0) -> FaultRun:
         phase.cleared()
 
     return run
+
+
+def pgbouncer_instance_killed(phase: Phase) -> None:
+    """One of two PgBouncers SIGKILLed: the pools move to the survivor, which carries the
+    load alone for a while; then the instance is started again.
+
+    Recovery counts from the kill: nothing comes back, the survivor has to do.
+    """
+    harness = phase.harness
+    tuning = harness.tuning
+    before = {i: harness.app_clients(i) for i in (1, 2)}
+    phase.note(f"app connections before: pgbouncer-1 {before[1]}, pgbouncer-2 {before[2]}")
+    phase.fault()
+    took = harness.signal_pgbouncer(signal.SIGKILL, index=2)
+    phase.cleared()
+    phase.note(f"pgbouncer-2 exited {took:.2f} s after SIGKILL")
+    # Every pool's connections are on the survivor again: at least POOL_MIN per worker.
+    least = tuning.replicas * tuning.workers * tuning.pool_min
+    moved = procs.wait_until(lambda: harness.app_clients(1) >= least, 15.0, interval=0.1)
+    phase.check(
+        "the survivor holds every pool's connections",
+        moved,
+        f"pgbouncer-1 has {harness.app_clients(1)} app connections, want >= {least}",
+    )
+    if moved:
+        phase.note(f"pools on pgbouncer-1 alone {phase.since_fault():.2f} s after the kill")
+    time.sleep(2.0)  # the survivor carries the load alone (the recorder times it)
+    harness.pgbouncer(2).start()
+    phase.note(
+        "pgbouncer-2 started again; pools reach it as they open new connections"
+        " (libpq's random pick), not by moving the ones they hold"
+    )
 
 
 def pgbouncer_pause(phase: Phase) -> None:
@@ -806,7 +839,8 @@ def worker_killed(phase: Phase) -> None:
 
 
 def catalogue() -> list[Fault]:
-    """Every fault of the full suite, in the order it runs."""
+    """Every fault of the full suite, in the order it runs (grouped by the stack each
+    needs: see `Fault.pgbouncer_instances`)."""
     return [
         Fault(
             "pgbouncer-sigkill",
@@ -903,6 +937,14 @@ def catalogue() -> list[Fault]:
             # The request the worker held dies with it: haproxy answers 502 or, on a
             # reused connection, closes the client's; a write is retried with its key.
             allowed_errors=frozenset({"503", "503(lb)", "502(lb)", "RemoteProtocolError"}),
+        ),
+        # On a stack of its own, after the others: two PgBouncers, no proxy.
+        Fault(
+            "pgbouncer-one-of-two-killed",
+            "One of two PgBouncers SIGKILLed under load; the survivor carries it, then the"
+            " instance comes back.",
+            pgbouncer_instance_killed,
+            pgbouncer_instances=2,
         ),
     ]
 

@@ -47,6 +47,9 @@ class Tuning:
     """
 
     replicas: int = 2
+    # Several: the replicas reach every instance themselves (libpq's multi-host URL),
+    # not through the proxy, which fronts one PgBouncer.
+    pgbouncer_instances: int = 1
     workers: int = 2
     pool_min: int = 2
     pool_max: int = 4
@@ -106,6 +109,8 @@ class FaultStack(Stack):
             f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
             f"@127.0.0.1:{self.proxy_port}/{APP_DATABASE}"
         )
+        if self.settings.pgbouncer_instances > 1:
+            url = self.pgbouncer_url()
         known = {k: v for k, v in self.tuning.service().items() if k in Settings.model_fields}
         return Settings(database_url=url, **known)  # type: ignore[arg-type]
 
@@ -154,8 +159,13 @@ class Harness:
         """The application role straight to PostgreSQL: for audits and lock holders."""
         return self.stack.direct_url()
 
-    def pgbouncer(self) -> PgBouncer:
-        return self.stack.pgbouncer()
+    def pgbouncer(self, index: int = 1) -> PgBouncer:
+        return self.stack.pgbouncer(index)
+
+    def app_clients(self, index: int) -> int:
+        """The app pools' connections on PgBouncer instance `index` (SHOW CLIENTS)."""
+        clients = self.pgbouncer(index).admin("SHOW CLIENTS")
+        return sum(1 for client in clients if client["database"] == APP_DATABASE)
 
     def replica(self, index: int) -> Replica:
         return self.stack.replica(index)
@@ -172,15 +182,18 @@ class Harness:
 
     # ---- PgBouncer --------------------------------------------------------------------
 
-    def pgbouncer_pid(self) -> int:
-        pid = procs.read_pid(self.pgbouncer().pid_file)
+    def pgbouncer_pid(self, index: int = 1) -> int:
+        pid = procs.read_pid(self.pgbouncer(index).pid_file)
         if pid is None or not procs.alive(pid):
-            raise AssertionError("PgBouncer is not running")
+            raise AssertionError(f"pgbouncer-{index} is not running")
         return pid
 
-    def signal_pgbouncer(self, sig: signal.Signals, timeout: float = 15.0) -> float:
-        """Send `sig` and wait for PgBouncer to exit; return how long it took."""
-        pid = self.pgbouncer_pid()
+    def signal_pgbouncer(
+        self, sig: signal.Signals, timeout: float = 15.0, *, index: int = 1
+    ) -> float:
+        """Send `sig` and wait for PgBouncer (instance `index`) to exit; return how long
+        it took."""
+        pid = self.pgbouncer_pid(index)
         started = time.monotonic()
         os.kill(pid, sig)
         if not procs.wait_until(lambda: not procs.alive(pid), timeout, interval=0.02):
@@ -188,7 +201,9 @@ class Harness:
         return time.monotonic() - started
 
     def start_pgbouncer(self) -> None:
-        self.pgbouncer().start()
+        """Every instance the stack runs (those running are left as they are)."""
+        for bouncer in self.stack.pgbouncers():
+            bouncer.start()
 
     # ---- replicas and workers ---------------------------------------------------------
 
@@ -264,6 +279,7 @@ def fault_stack(tuning: Tuning | None = None, root: Path | None = None) -> Itera
         most_replicas=MOST_REPLICAS,
         spare=1,
         replicas=tuning.replicas,
+        pgbouncer_instances=tuning.pgbouncer_instances,
         seed_items=SEED_ITEMS,
         pgbouncer_query_wait_timeout=tuning.query_wait_timeout,
     )

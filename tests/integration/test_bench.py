@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from infra.localstack.config import REPO
-from loadtests.bench.plan import PAIRS, PLAN, REPLICA_SETTINGS, Config, Endpoint, Pair, RunKey
+from loadtests.bench.plan import (
+    DATABASE_RUNS,
+    PAIRS,
+    PLAN,
+    REPLICA_SETTINGS,
+    Config,
+    Endpoint,
+    Pair,
+    RunKey,
+)
 from loadtests.bench.report import latency_floor
 from loadtests.bench.results import Result, paired_ratios
 from loadtests.bench.scripts import SCRIPTS
@@ -63,7 +72,7 @@ def test_latency_floor_is_littles_law_on_the_cpu_per_request() -> None:
 
 
 def test_every_pair_a_target_compares_is_in_the_plan() -> None:
-    planned = set(PLAN)
+    planned = {*PLAN, *DATABASE_RUNS}
     assert set(PAIRS) == set(Pair)
     for top, bottom in PAIRS.values():
         assert top in planned
@@ -96,8 +105,10 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
     )
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["endpoint"], r["config"]): r for r in report["results"]}
-    # Every planned run, one at 4 connections, two pgbench runs, the driver ceiling.
-    assert len(rows) == len(PLAN) + 1 + 3
+    # Every planned run, one at 4 connections, the pgbench runs, the driver ceiling.
+    assert len(rows) == len(PLAN) + 1 + len(DATABASE_RUNS)
+    for key in DATABASE_RUNS:
+        assert (key.endpoint.value, key.label) in rows, key
     assert ("GET /items/{id}", "pooled (as deployed), 4 connections") in rows
     for row in rows.values():
         assert row["rps"] > 0
@@ -127,6 +138,15 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
         "GET /items/{id} p99 ms",
         "start to ready s",
     }
+    # Two PgBouncers: both runs measured, PgBouncer's CPU per statement seen in each.
+    two = rows[("GET /items/{id}", "coalescing off, 2 PgBouncers")]
+    assert two["cpu_ms_per_request"]["pgbouncer"] > 0
+    assert two["requests_per_statement"] == 1.0
+    scaling = report["pgbouncer_instances"]
+    for name in ("get_item", "pgbench_select"):
+        assert scaling[name]["ratio_two_vs_one"] > 0
+        assert scaling[name]["pgbouncer_cpu_ms_per_statement"] > 0
     markdown = (tmp_path / "bench.md").read_text()
+    assert "What a second PgBouncer buys" in markdown
     assert "CPU per request" in markdown
     assert "Latency arithmetic" in markdown

@@ -319,6 +319,16 @@ def test_compose_check_fails_when_more_replicas_start_than_the_budget_checks() -
     assert any("API_REPLICAS=9 is above API_MAX_REPLICAS=8" in p for p in compose.problems(model))
 
 
+def test_compose_runs_pgbouncer_instances_the_budget_counts() -> None:
+    model = compose.load({**env_example(), "PGBOUNCER_INSTANCES": "2"})
+    assert int(model["services"]["pgbouncer"]["deploy"]["replicas"]) == 2
+    assert compose.topology(model).bouncer.instances == 2  # type: ignore[union-attr]
+    assert compose.problems(model) == []
+    model["services"]["pgbouncer"]["deploy"]["replicas"] = 3
+    found = compose.problems(model)
+    assert any("pgbouncer runs 3 instance(s)" in p for p in found), found
+
+
 def test_compose_check_fails_on_a_wrong_pool_mode(tmp_path: Path, compose_model: Any) -> None:
     ini = tmp_path / "pgbouncer.ini"
     text = (INFRA / "pgbouncer" / "pgbouncer.ini").read_text()
@@ -340,7 +350,9 @@ def test_compose_api_is_scalable_and_gated(compose_model: Any) -> None:
     assert services["migrate"]["depends_on"]["postgres"] == {"condition": "service_healthy"}
     assert "healthcheck" in services["postgres"]
     assert "healthcheck" in services["pgbouncer"]
-    assert compose.environment(compose_model, "api")["DATABASE_URL"].endswith("@pgbouncer:6432/app")
+    assert compose.environment(compose_model, "api")["DATABASE_URL"].endswith(
+        "@pgbouncer:6432/app?load_balance_hosts=random"
+    )
     # Migrations go straight to PostgreSQL: they set the role's statement_timeout.
     assert compose.environment(compose_model, "migrate")["DATABASE_URL"].endswith(
         "@postgres:5432/app"
@@ -447,16 +459,21 @@ def test_compose_haproxy_config_is_valid(tmp_path: Path, compose_model: Any) -> 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# The process exporter (PgBouncer CPU per instance) runs in the local stack only: its job
+# reads a glob no compose file matches, and in k8s cAdvisor has the same numbers.
+LOCAL_ONLY_JOBS = {"process": "targets/process*.json"}
+
+
 def test_compose_prometheus_gets_every_job_of_prometheus_yml(compose_model: Any) -> None:
     """prometheus.yml is used unchanged: the targets writer fills each file_sd file it reads."""
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     files = {
         job["job_name"]: job["file_sd_configs"][0]["files"][0] for job in config["scrape_configs"]
     }
-    assert files == {job: f"targets/{job}.json" for job in files}
+    assert files == {job: f"targets/{job}.json" for job in files} | LOCAL_ONLY_JOBS
     writer = compose_model["services"]["prometheus-targets"]["command"]
     jobs = {"api"} | {arg.split("=")[0] for arg in writer if "=" in arg}
-    assert jobs == set(files)
+    assert jobs == set(files) - set(LOCAL_ONLY_JOBS)
     volume = writer[writer.index("--dir") + 1]
     assert (
         f"prometheus-targets:{volume}" in compose_model["services"]["prometheus-targets"]["volumes"]
@@ -881,7 +898,10 @@ def test_podmonitors_label_series_as_prometheus_yml_does(docs: list[Manifest]) -
             assert endpoint["port"] in ports
             relabel = {r["targetLabel"]: r for r in endpoint["relabelings"] if "targetLabel" in r}
             jobs[relabel["job"]["replacement"]] = relabel
-    assert set(jobs) == {job["job_name"] for job in config["scrape_configs"]} - {"prometheus"}
+    assert set(jobs) == {job["job_name"] for job in config["scrape_configs"]} - {
+        "prometheus",
+        *LOCAL_ONLY_JOBS,
+    }
     assert jobs["api"]["replica"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
 
 

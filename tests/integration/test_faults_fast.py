@@ -1,7 +1,8 @@
-"""The fault suite's fast subset, inside `make test`: four faults, audited.
+"""The fault suite's fast subset, inside `make test`: five faults, audited.
 
 PgBouncer killed and restarted, the network to PgBouncer cut and restored, a replica
-sent SIGTERM with writes in flight: each under steady load through haproxy. And
+sent SIGTERM with writes in flight, one of two PgBouncers killed (on a stack of its
+own): each under steady load through haproxy. And
 PgBouncer down, with the load paused and only haproxy's health checks reaching the
 replicas, until every replica's pools have given a connection up (POOL_RECONNECT_TIMEOUT
 is 3 s here): every replica must be ready again within 5 s of PgBouncer's return. Every
@@ -26,10 +27,10 @@ from psycopg.types.json import Jsonb
 
 from infra.localstack import procs
 from tests.faults.faults import Timing, by_name, run_phase
-from tests.faults.harness import Harness, fault_stack
+from tests.faults.harness import Harness, Tuning, fault_stack
 from tests.faults.ledger import Ledger, Write, audit
 from tests.faults.proxy import TcpProxy, port_refuses
-from tests.faults.report import RECOVER_WITHIN
+from tests.faults.report import RECOVER_WITHIN, Row
 from tests.faults.suite import durability
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,10 @@ def harness() -> Iterator[Harness]:
 )
 def test_fault_loses_nothing_and_never_hangs(harness: Harness, name: str) -> None:
     [fault] = by_name([name])
-    row = run_phase(harness, fault, FAST)
+    assert_row_holds(run_phase(harness, fault, FAST))
+
+
+def assert_row_holds(row: Row) -> None:
     context = f"{row.errors} {row.notes} {row.checks}"
     assert row.acknowledged >= 10, f"the load did not run: {context}"
     assert row.lost == 0, context
@@ -192,3 +196,12 @@ def test_proxy_cuts_blackholes_and_restores(echo_through_proxy: TcpProxy) -> Non
             assert newcomer.recv(16) == b"three"
         held.settimeout(2)
         assert held.recv(16) == b"two"  # held, then delivered: as TCP would retransmit
+
+
+def test_one_of_two_pgbouncers_killed_the_survivor_carries_the_load() -> None:
+    """Last in the module, on a stack of its own: the replicas reach two PgBouncers."""
+    [fault] = by_name(["pgbouncer-one-of-two-killed"])
+    with fault_stack(Tuning(pgbouncer_instances=fault.pgbouncer_instances)) as two:
+        row = run_phase(two, fault, FAST)
+    assert_row_holds(row)
+    assert any(c.name == "the survivor holds every pool's connections" for c in row.checks)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from infra.localstack import procs
-from infra.localstack.config import StackSettings
+from infra.localstack.config import private_settings
 from infra.localstack.stack import Stack
 from loadtests.common.prom import Scrape
 from tests.support.dashboards import DASHBOARDS, panels
@@ -30,25 +30,14 @@ RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape, 
 
 @pytest.fixture(scope="module")
 def live_stack(scratch: Path) -> Iterator[Stack]:
-    # One block below the ephemeral range: two replicas, their metrics, then the rest.
-    # (Two separate picks could overlap, and a client socket can take an ephemeral one.)
-    names = (
-        "lb_port",
-        "pgbouncer_port",
-        "postgres_port",
-        "prometheus_port",
-        "pgbouncer_exporter_port",
-        "postgres_exporter_port",
-    )
-    base = procs.free_port_block(4 + len(names))
-    ports: dict[str, Any] = {name: base + 4 + i for i, name in enumerate(names)}
-    settings = StackSettings(
-        stack_dir=scratch / "live-stack",
+    # Two PgBouncers, so that every per-instance panel is proved with more than one.
+    settings, _ = private_settings(
+        scratch / "live-stack",
+        most_replicas=2,
+        most_pgbouncers=2,
         replicas=2,
+        pgbouncer_instances=2,
         seed_items=100,
-        replica_base_port=base,
-        metrics_base_port=base + 2,
-        **ports,
     )
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WORKERS", "2")
@@ -106,10 +95,11 @@ def scraped(live_stack: Stack, under_load: None) -> Stack:
         return (
             len(query(live_stack, "rate(pgscale_http_requests_total[1m]) > 0")) > 0
             and len(query(live_stack, "count by (replica) (pgscale_pool_max_connections)")) == 2
-            and len(query(live_stack, "pgbouncer_up == 1")) == 1
+            and len(query(live_stack, "pgbouncer_up == 1")) == 2
             # rate() needs two scrapes of the exporter, which may start after the replicas
             and len(query(live_stack, "rate(pgbouncer_stats_transactions_total[1m])")) > 0
             and len(query(live_stack, "pg_up == 1")) == 1
+            and len(query(live_stack, "pgbouncer:cpu_cores:rate1m")) == 2
             and len(query(live_stack, "pgscale:pool_max_connections:sum")) == 1
         )
 
@@ -120,8 +110,9 @@ def scraped(live_stack: Stack, under_load: None) -> Stack:
 def test_every_target_is_up(scraped: Stack) -> None:
     targets = httpx.get(f"{scraped.prometheus().url}/api/v1/targets", timeout=10).json()
     active = targets["data"]["activeTargets"]
-    assert {t["labels"]["job"] for t in active} == {"api", "pgbouncer", "postgres", "prometheus"}
-    assert len(active) == 5
+    jobs = {"api", "pgbouncer", "postgres", "process", "prometheus"}
+    assert {t["labels"]["job"] for t in active} == jobs
+    assert len(active) == 6  # two replicas, one target each for the others
     assert all(t["health"] == "up" for t in active), [
         (t["scrapeUrl"], t["lastError"]) for t in active
     ]

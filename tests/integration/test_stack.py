@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from infra.localstack import procs
-from infra.localstack.config import REPO
+from infra.localstack.config import REPO, private_settings
+from infra.localstack.pgbouncer import PgBouncer
 
 pytestmark = pytest.mark.slow  # make up/status/down of a whole stack
 
@@ -30,13 +31,21 @@ def stack_env(scratch: Path) -> Iterator[dict[str, str]]:
         "POOL_MAX": "2",
         "SEED_ITEMS": "50",
     }
-    # One block below the ephemeral range: three replica ports (the test grows to
-    # three), three for their metrics, then the load balancer, PgBouncer, PostgreSQL.
-    # Separate picks could overlap, and a client socket can take an ephemeral port.
-    base = procs.free_port_block(9)
-    env["REPLICA_BASE_PORT"], env["METRICS_BASE_PORT"] = str(base), str(base + 3)
-    for offset, variable in enumerate(("LB_PORT", "PGBOUNCER_PORT", "POSTGRES_PORT"), 6):
-        env[variable] = str(base + offset)
+    # Every port from one block below the ephemeral range, the way private stacks get
+    # theirs: separate picks could overlap, and a client socket can take an ephemeral port.
+    settings, _ = private_settings(root, most_replicas=3, most_pgbouncers=2)
+    for name in (
+        "lb_port",
+        "replica_base_port",
+        "metrics_base_port",
+        "pgbouncer_port",
+        "postgres_port",
+        "prometheus_port",
+        "pgbouncer_exporter_port",
+        "postgres_exporter_port",
+        "process_exporter_port",
+    ):
+        env[name.upper()] = str(getattr(settings, name))
     try:
         yield env
     finally:
@@ -96,6 +105,49 @@ def test_up_with_fewer_replicas_rescales_in_place(stack_env: dict[str, str]) -> 
     assert after["replica-1"] == before["replica-1"]
     assert after["postgres"] == before["postgres"]
     lb = f"http://127.0.0.1:{stack_env['LB_PORT']}"
+    assert [httpx.get(f"{lb}/items/{i}").status_code for i in range(1, 11)] == [200] * 10
+
+
+def clients_by_instance(env: dict[str, str], instances: int) -> dict[str, int]:
+    """App client connections on each PgBouncer instance (SHOW CLIENTS)."""
+    root = Path(env["STACK_DIR"])
+    admin = (root / "secrets" / "pgbouncer_admin.password").read_text().strip()
+    counts = {}
+    for index in range(1, instances + 1):
+        port = int(env["PGBOUNCER_PORT"]) + index - 1
+        bouncer = PgBouncer(root / "pgbouncer", port, 0, "app", admin_password=admin)
+        clients = bouncer.admin("SHOW CLIENTS")
+        counts[f"pgbouncer-{index}"] = sum(1 for c in clients if c["database"] == "app")
+    return counts
+
+
+def test_up_with_two_pgbouncers_spreads_the_pools_and_shrinks_back(
+    stack_env: dict[str, str],
+) -> None:
+    """Every pool connection lands on one of the instances; shrinking drains the other."""
+    before = pids(stack_env)
+    grown = stack(stack_env, "up", REPLICAS="1", PGBOUNCER_INSTANCES="2")
+    assert grown.returncode == 0, grown.stderr
+    assert "pgbouncer-2" in grown.stdout
+    status = stack(stack_env, "status", REPLICAS="1", PGBOUNCER_INSTANCES="2")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for name in ("pgbouncer-1", "pgbouncer-2"):
+        assert f"{name}  up on" in status.stdout
+    after = pids(stack_env)
+    assert after["pgbouncer-1"] == before["pgbouncer-1"], "the first instance stays up"
+    # One replica of one worker, POOL_MIN=1..POOL_MAX=2: its connections are on one
+    # instance or the other. libpq's random pick cannot be forced, so the test asserts
+    # the sum, not the split (the sweep measures the split over many connections).
+    assert 1 <= sum(clients_by_instance(stack_env, 2).values()) <= 2
+    lb = f"http://127.0.0.1:{stack_env['LB_PORT']}"
+    assert [httpx.get(f"{lb}/items/{i}").status_code for i in range(1, 11)] == [200] * 10
+
+    shrunk = stack(stack_env, "up", REPLICAS="1", PGBOUNCER_INSTANCES="1")
+    assert shrunk.returncode == 0, shrunk.stderr
+    assert "pgbouncer-2  stopping" in shrunk.stdout
+    assert "pgbouncer-2" not in pids(stack_env)
+    assert not procs.alive(after["pgbouncer-2"])
+    assert 1 <= clients_by_instance(stack_env, 1)["pgbouncer-1"] <= 2
     assert [httpx.get(f"{lb}/items/{i}").status_code for i in range(1, 11)] == [200] * 10
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from infra.localstack.config import REPO
+from loadtests.common.sampling import parse_counts
 
 pytestmark = pytest.mark.slow  # stacks, one per cell
 
@@ -31,16 +32,26 @@ def sweep(out: Path, *args: str) -> dict[str, Any]:
 
 
 def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: Path) -> None:
+    """Two PgBouncers: the clients split between them, each holds its own small pool."""
     out = scratch / "sweep-pooled"
-    summary = sweep(out, "--modes", "pgbouncer", "--workers", "1", "2", "--replicas", "1")
+    summary = sweep(
+        out, "--modes", "pgbouncer", "--workers", "1", "2", "--replicas", "1", "--instances", "2"
+    )
     assert summary["exit_code"] == 0, summary["stdout"]
     cells = summary["cells"]
-    assert [(c["workers"], c["replicas"]) for c in cells] == [(1, 1), (2, 1)]
+    assert [(c["workers"], c["replicas"], c["pgbouncer_instances"]) for c in cells] == [
+        (1, 1, 2),
+        (2, 1, 2),
+    ]
     for cell in cells:
         assert cell["measured_clients"] == cell["predicted_clients"] == cell["workers"] * 4
-        # PostgreSQL serves PgBouncer's small pool (6), whatever the clients.
-        assert cell["pgbouncer_servers"] <= 6
-        assert cell["as_predicted"]
+        split = parse_counts(cell["clients_by_instance"])
+        assert set(split) <= {"pgbouncer-1", "pgbouncer-2"}
+        assert sum(split.values()) == cell["measured_clients"], cell["clients_by_instance"]
+        # Each instance serves at most its own small pool (6), whatever the clients.
+        assert all(n <= 6 for n in parse_counts(cell["servers_by_instance"]).values())
+        assert cell["pgbouncer_servers"] <= 2 * 6
+        assert cell["as_predicted"], cell["verdict"]
         assert cell["requests"] > 0
     for name in ("report.md", "cells.csv", "client_connections.png", "server_connections.png"):
         assert (out / name).exists(), name
