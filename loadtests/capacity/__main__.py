@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": [
             {
                 "mode": r.mode,
+                "instances": r.instances,
                 "workers": r.workers,
                 "replicas": r.replicas,
                 "measured": r.measured,

@@ -2,12 +2,13 @@
 
 A sweep cell (loadtests/sweep/) is R replicas x W workers behind haproxy, POOL_MIN 1,
 POOL_MAX P, coalescing off, Locust's saturate.py with 4 users per pooled connection (at
-most 400), and PgBouncer with default_pool_size 6, or PostgreSQL direct with
-max_connections 30. The model runs the same cell on 2 shared cores with the
-calibration's costs and says whether it agrees: connections exactly (client, PgBouncer
-server, PostgreSQL backends), req/s and p99 within 25%. The bench's requests per
-statement (GET /items/{id} as deployed at each wrk concurrency, one replica of 2
-workers with pools of 4) are reproduced the same way, and printed beside the measured.
+most 400), and N PgBouncers (each connection to one at random) with default_pool_size
+6, or PostgreSQL direct with max_connections 30. The model runs the same cell on 2
+shared cores with the calibration's costs and says whether it agrees: connections
+exactly (client, PgBouncer server, PostgreSQL backends), req/s and p99 within 25%. The
+bench's requests per statement (GET /items/{id} as deployed at each wrk concurrency,
+one replica of 2 workers with pools of 4) are reproduced the same way, and printed
+beside the measured.
 
 Locust and haproxy are not in the bench: their CPU per request was measured once here,
 on a 1-replica stack under saturate.py (/proc CPU of the Locust process and of haproxy
@@ -39,6 +40,7 @@ class Row:
     mode: str
     workers: int
     replicas: int
+    instances: int
     measured: dict[str, float]
     modelled: dict[str, float]
 
@@ -70,6 +72,7 @@ def cell_setup(
         users=min(400, plan["users_per_connection"] * clients),
         coalesce_max=1,
         via_pgbouncer=not direct,
+        instances=1 if direct else int(cell.get("pgbouncer_instances") or 1),
         default_pool_size=plan["pgbouncer_pool_size"],
         max_connections=cell["postgres_max_connections"],
         shared_cores=2,
@@ -113,6 +116,7 @@ def sweep_rows(
     rows = []
     for cell in summary["cells"]:
         key = (cell["mode"], cell["workers"], cell["replicas"])
+        instances = 0 if cell["mode"] == "direct" else int(cell.get("pgbouncer_instances") or 1)
         if only is not None and key not in only:
             continue
         outcome = simulate(cell_setup(plan, cell, duration_ms), calibration)
@@ -121,6 +125,7 @@ def sweep_rows(
                 mode=cell["mode"],
                 workers=cell["workers"],
                 replicas=cell["replicas"],
+                instances=instances,
                 measured=measured(cell),
                 modelled=modelled(outcome, cell["mode"] == "direct"),
             )
@@ -166,9 +171,9 @@ def load_summary(path: Path) -> dict[str, Any]:
 
 def sweep_table(rows: list[Row]) -> list[str]:
     lines = [
-        "| mode | W | R | clients | PgBouncer servers | PostgreSQL backends | req/s | p99 ms |"
-        " agrees |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | W | R | PgBouncers | clients | PgBouncer servers | PostgreSQL backends |"
+        " req/s | p99 ms | agrees |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
 
@@ -177,7 +182,7 @@ def sweep_table(rows: list[Row]) -> list[str]:
 
         verdict = "yes" if not r.problems else "no: " + "; ".join(r.problems)
         lines.append(
-            f"| {r.mode} | {r.workers} | {r.replicas} | {both('clients')} |"
+            f"| {r.mode} | {r.workers} | {r.replicas} | {r.instances or '-'} | {both('clients')} |"
             f" {both('servers') if r.mode != 'direct' else '-'} | {both('backends')} |"
             f" {both('rps', '.0f')} | {both('p99_ms', '.0f')} | {verdict} |"
         )
