@@ -72,12 +72,14 @@ sweep: setup
 bench: setup
 	$(PY) -m loadtests.bench --profile
 
-# The capacity model (SimPy) checked against docs/sweep and the bench's coalescing, then
-# fleets of 10, 100 and 1,000 replicas, planned and naive (about 4 minutes, no servers);
-# report in reports/capacity/. `make capacity CALIBRATION=reports/bench/calibration.json`.
+# The capacity model (SimPy) checked against a sweep's cells and the bench's coalescing,
+# then fleets of 10, 100 and 1,000 replicas, planned and naive (about 4 minutes, no
+# servers); report in reports/capacity/. docs/capacity/ is
+# `make capacity SWEEP=docs/capacity/sweep-2026-12-01.json`.
 CALIBRATION ?= service/calibration.json
+SWEEP ?= docs/sweep/summary.json
 capacity: setup
-	$(PY) -m loadtests.capacity --calibration $(CALIBRATION)
+	$(PY) -m loadtests.capacity --calibration $(CALIBRATION) --sweep $(SWEEP)
 
 # Every fault under load on a private stack, each acknowledged write audited (about 3
 # minutes); report in reports/faults/. `make faults ONLY="network-cut pgbouncer-pause"`.
