@@ -11,7 +11,7 @@ import pytest
 
 from infra.localstack.config import REPO
 from service.calibration import load
-from service.planner import NoShape, Target, plan
+from service.planner import NoShape, Target, plan, render
 
 CALIBRATION = load()
 
@@ -126,3 +126,11 @@ def test_cli_bad_input_exits_2() -> None:
     result = planner_cli("--target-rps", "-5")
     assert result.returncode == 2
     assert "--target-rps must be above 0" in result.stderr
+
+
+def test_readme_shows_what_the_planner_prints_for_the_prod_target() -> None:
+    """README.md's "Sizing a fleet" output is the planner's own, for k8s prod's target."""
+    target = Target(rps=20_000, write_ratio=0.1, p99_ms=50, postgres_cores=8, max_connections=200)
+    printed = render(plan(target, CALIBRATION))
+    shown = printed[: printed.index("\n-- budget")]
+    assert shown in (REPO / "README.md").read_text()
