@@ -7,8 +7,9 @@ waiting for a connection joins it; one statement serves the batch). Behind them 
 PgBouncers, each one core with a pool of default_pool_size server connections that a
 statement waits for at most query_wait_timeout, or, direct, PostgreSQL's own slots
 (max_connections less the reserved and the others), past which connecting is refused.
-PostgreSQL runs statements on C cores. Every CPU burst costs what the calibration says
-(service/calibration.py), so nothing here is fitted to the results it is checked against.
+PostgreSQL runs statements on C cores, one process per backend. Every CPU burst costs
+what the calibration says (service/calibration.py); no number is fitted to the results
+the model is checked against (validate.py names the few that are not the bench's).
 
 On this machine (`shared_cores`), every process also competes for the same cores, the
 load generator (Locust, one process) and the load balancer included; a fleet gets a
