@@ -19,7 +19,7 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
 .PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long soak \
-	k8s-sync deploy-check compose-test
+	capacity k8s-sync deploy-check compose-test
 
 setup: $(STAMP)
 
@@ -72,6 +72,15 @@ sweep: setup
 # Throughput and latency with baselines side by side (about 11 minutes by default).
 bench: setup
 	$(PY) -m loadtests.bench --profile
+
+# The capacity model (SimPy) checked against a sweep's cells and the bench's coalescing,
+# then fleets of 10, 100 and 1,000 replicas, planned and naive (about 4 minutes, no
+# servers); report in reports/capacity/. docs/capacity/ is
+# `make capacity SWEEP=docs/capacity/sweep-2026-12-01.json`.
+CALIBRATION ?= service/calibration.json
+SWEEP ?= docs/sweep/summary.json
+capacity: setup
+	$(PY) -m loadtests.capacity --calibration $(CALIBRATION) --sweep $(SWEEP)
 
 # Every fault under load on a private stack, each acknowledged write audited (about 3
 # minutes); report in reports/faults/. `make faults ONLY="network-cut pgbouncer-pause"`.

@@ -31,6 +31,11 @@ def result_row(r: Result, by: dict[RunKey, Result]) -> dict[str, Any]:
     naive = by.get(RunKey(Config.NAIVE, r.key.endpoint))
     database = by.get(RunKey(Config.DATABASE, CEILING_OF.get(r.key.endpoint, r.key.endpoint)))
     return {
+        "key": {
+            "config": r.key.config.value,
+            "endpoint": r.key.endpoint.name,
+            "connections": r.key.connections,
+        },
         "config": r.key.label,
         "endpoint": r.key.endpoint.value,
         "rps": r.rps,
