@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # busybox: tests/integration/test_deploy.py also runs render-config with Alpine's awk.
+# chromium: tests/integration/test_browser.py drives it through Playwright (no browser download).
 APT_PACKAGES := postgresql-15 pgbouncer haproxy wrk prometheus prometheus-postgres-exporter \
-	prometheus-process-exporter busybox
+	prometheus-process-exporter busybox chromium
 EXPORTER_VENV := .venv-exporter
 # prometheus-pgbouncer-exporter 2.1.2 pins these; its own psycopg2 needs a compiler, the
 # binary wheel does not. It gets a virtualenv of its own so its pins touch nothing else.
@@ -18,7 +19,7 @@ EXPORTER_PACKAGES := $(shell grep -v '^\#' infra/docker/pgbouncer-exporter.txt)
 export REPLICAS WORKERS POOL_MIN POOL_MAX
 
 .PHONY: setup up down status test lint typecheck pytest clean sweep bench faults faults-long soak \
-	k8s-sync deploy-check compose-test
+	capacity k8s-sync deploy-check compose-test
 
 setup: $(STAMP)
 
@@ -71,6 +72,15 @@ sweep: setup
 # Throughput and latency with baselines side by side (about 11 minutes by default).
 bench: setup
 	$(PY) -m loadtests.bench --profile
+
+# The capacity model (SimPy) checked against a sweep's cells and the bench's coalescing,
+# then fleets of 10, 100 and 1,000 replicas, planned and naive (about 4 minutes, no
+# servers); report in reports/capacity/. docs/capacity/ is
+# `make capacity SWEEP=docs/capacity/sweep-2026-12-01.json`.
+CALIBRATION ?= service/calibration.json
+SWEEP ?= docs/sweep/summary.json
+capacity: setup
+	$(PY) -m loadtests.capacity --calibration $(CALIBRATION) --sweep $(SWEEP)
 
 # Every fault under load on a private stack, each acknowledged write audited (about 3
 # minutes); report in reports/faults/. `make faults ONLY="network-cut pgbouncer-pause"`.

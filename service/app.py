@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from service.bodylimit import BodySizeLimit
 from service.coalesce import Coalescer, Many, One, Runs
+from service.context import RequestContext
 from service.db import Database
 from service.deps import ItemReads, VisitWrites
 from service.errors import install_error_handlers
@@ -23,6 +24,7 @@ from service.metrics import (
     PoolObserver,
     PoolRecorder,
     PrometheusPoolObserver,
+    record_settings,
 )
 from service.openapi import exact_integer_bounds
 from service.pool import Connection, PoolHealth, PoolKeeper, pool_name
@@ -80,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         observer: PoolObserver = PrometheusPoolObserver() if metrics else NullPoolObserver()
         db = Database(keeper, settings, observer)
         recorder = PoolRecorder() if metrics else None
+        if metrics:
+            record_settings(settings, deployment)
 
         def ticked(health: PoolHealth) -> None:
             if recorder is not None:
@@ -124,5 +128,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.router.routes.extend(router.routes)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.metrics_enabled:
-        app.add_middleware(HTTPMetrics)  # outermost: it sees every answer, 413s included
+        app.add_middleware(HTTPMetrics)  # it sees every answer, 413s included
+    app.add_middleware(  # outermost: every response carries the request's id and timing
+        RequestContext,
+        timed=settings.server_timing,
+        access_log=settings.access_log,
+        slow_ms=settings.slow_request_ms,
+    )
     return app

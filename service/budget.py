@@ -13,6 +13,8 @@ Everything else (the replica's start-up guard, `make up`, the sweep) imports thi
 module instead of re-deriving the arithmetic. The core is pure: frozen dataclasses in,
 a frozen `Budget` out. `python -m service.budget [--json] [--direct] [--replicas N ...]`
 prints it; exit code 0 when it fits, 1 when it does not, 2 on bad input.
+`python -m service.budget plan --target-rps N` sizes a shape for a target instead
+(service/planner.py).
 """
 
 from __future__ import annotations
@@ -590,8 +592,17 @@ def _topology(args: argparse.Namespace) -> Topology:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m service.budget`: 0 when the budget holds, 1 when not, 2 on bad input."""
+    """`python -m service.budget`: 0 when the budget holds, 1 when not, 2 on bad input.
+
+    `python -m service.budget plan ...` is the capacity planner (service/planner.py).
+    """
     from pydantic import ValidationError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        from service.planner import main as plan_main
+
+        return plan_main(argv[1:])
 
     from service.settings import DeploymentSettings
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from contextvars import Context
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from psycopg_pool import PoolClosed, TooManyRequests
 
 from service.checkout import CheckoutQueue
+from service.context import CURRENT, Timing
 from service.metrics import NullPoolObserver, PoolObserver, TalliedHistogram
 
 if TYPE_CHECKING:
@@ -53,6 +55,9 @@ class Batch(Generic[K, R]):
         self.keys: list[K] = []  # one per request, in arrival order
         self._futures: list[asyncio.Future[R]] = []
         self._arrived: list[float] = []
+        self._timings: list[Timing | None] = []  # each request's (service/context.py)
+        self._held: float | None = None  # when the batch got its connection
+        self._timings_given = False
         self._riders = 0  # requests after the first
         self._counted = 0  # riders counted in the queue's `waiting` now
         self.in_queue = False  # waiting in the checkout queue now
@@ -84,6 +89,7 @@ class Batch(Generic[K, R]):
         self.keys.append(key)
         self._futures.append(future)
         self._arrived.append(time.perf_counter())
+        self._timings.append(CURRENT.get())
         self._riders += rider
         return future
 
@@ -92,9 +98,11 @@ class Batch(Generic[K, R]):
         its requests, in order (the same list however often it is asked)."""
         if not self.closed:
             self._close()
-            now = time.perf_counter()
-            for arrived in self._arrived:
+            now = self._held = time.perf_counter()
+            for arrived, timing in zip(self._arrived, self._timings, strict=True):
                 self._each.acquired(now - arrived)
+                if timing is not None:
+                    timing.queue += now - arrived
         return self.keys
 
     def resolve(self, answers: Sequence[R]) -> None:
@@ -102,12 +110,31 @@ class Batch(Generic[K, R]):
         if len(answers) != len(self._futures):
             self.fail(RuntimeError(f"{len(answers)} answers for {len(self._futures)} requests"))
             return
+        self._timed()
         for future, answer in zip(self._futures, answers, strict=True):
             if not future.done():  # done: the request was cancelled (client gone)
                 future.set_result(answer)
 
+    def _timed(self) -> None:
+        """Each request's Server-Timing: the statement's time, and how many shared it;
+        for a batch that never got a connection, how long each waited for one. Once."""
+        if self._timings_given:
+            return
+        self._timings_given = True
+        now = time.perf_counter()
+        size = len(self.keys)
+        for arrived, timing in zip(self._arrived, self._timings, strict=True):
+            if timing is None:
+                continue
+            if self._held is None:
+                timing.queue += now - arrived
+            else:
+                timing.db += now - self._held
+            timing.batch = size
+
     def fail(self, exc: BaseException) -> None:
         """Every request of the batch fails as the batch did."""
+        self._timed()
         self._close()
         for future in self._futures:
             if not future.done():
@@ -217,7 +244,8 @@ class Coalescer(Generic[C, K, R]):
             return await batch.join(key, rider=True)
         batch = self._open = Batch(self.queue, self.observer)
         future = batch.join(key, rider=False)  # the queue counts it if the batch queues
-        task = asyncio.get_running_loop().create_task(self._serve(batch))
+        # An empty context: the batch serves many requests, it is none of them.
+        task = asyncio.get_running_loop().create_task(self._serve(batch), context=Context())
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
         return await future

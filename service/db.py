@@ -29,6 +29,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 from service.checkout import CheckoutQueue, Party
+from service.context import CURRENT, Timing
 from service.errors import DatabaseDown, DeadlineExceeded
 from service.metrics import NullPoolObserver, PoolObserver
 from service.pool import Connection, Pool, PoolKeeper
@@ -113,11 +114,13 @@ class Database:
             observer.unavailable()
             raise DatabaseDown("the database path is down (the worker's probe failed)")
         timeout = self.queue.timeout if wait is None else min(wait, self.queue.timeout)
+        timing = CURRENT.get()  # None in a coalesced batch's task: the batch reports
         started = time.perf_counter()
         try:
             await self.queue.acquire(timeout, party)
         except PoolTimeout:
             observer.timed_out()
+            _waited(timing, started)  # a 503 that queued says how long
             raise
         except TooManyRequests:
             observer.rejected()
@@ -128,13 +131,18 @@ class Database:
             except PoolTimeout:
                 observer.timed_out()
                 keeper.checkout_failed()
+                _waited(timing, started)
                 raise
-            observer.acquired(time.perf_counter() - started)
+            held = time.perf_counter()
+            observer.acquired(held - started)
             keeper.in_use += 1
             try:
                 yield conn
             finally:
                 keeper.in_use -= 1
+                if timing is not None:  # the request's Server-Timing (service/context.py)
+                    timing.queue += held - started
+                    timing.db += time.perf_counter() - held
                 conn.returned_at = time.monotonic()
                 # putconn rolls back anything left open, and discards a broken
                 # connection; to the pool it came from, even if since replaced.
@@ -372,6 +380,12 @@ class Database:
             row_factory=dict_row,
             connect_timeout=max(1, int(self.settings.pool_timeout)),
         )
+
+
+def _waited(timing: Timing | None, started: float) -> None:
+    """A request's wait for a connection that never came, into its Server-Timing."""
+    if timing is not None:
+        timing.queue += time.perf_counter() - started
 
 
 async def _select_one(conn: Connection) -> None:

@@ -19,6 +19,8 @@ from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service.context import current_id, response_headers
+
 logger = logging.getLogger("service.errors")
 
 
@@ -170,11 +172,15 @@ def problem(
     headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    """A problem+json response."""
+    """A problem+json response; `request_id` names the request (service/context.py), so
+    a client's report finds the server's log lines."""
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     if detail:
         body["detail"] = detail
     body.update(extra)
+    request_id = current_id()
+    if request_id is not None:
+        body["request_id"] = request_id
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
@@ -254,4 +260,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "Internal Server Error", "an unexpected error occurred")
+        # Starlette sends this one from outside every middleware: the headers come here.
+        return problem(
+            500, "Internal Server Error", "an unexpected error occurred", response_headers()
+        )

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from service import logs
 from service.budget import BudgetExceeded, deployment_topology, guard
 from service.prepared import (
     PreparedStatementsUnsafe,
@@ -115,21 +116,6 @@ def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
-logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"},
-    },
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-    },
-    "root": {"handlers": ["console"], "level": "WARNING"},
-    "loggers": {
-        "gunicorn.error": {"level": _settings.log_level.upper(), "propagate": True},
-        "gunicorn.access": {"level": "INFO", "propagate": True},
-        "uvicorn.error": {"level": _settings.log_level.upper(), "propagate": True},
-        "service": {"level": _settings.log_level.upper(), "propagate": True},
-        "psycopg.pool": {"level": "WARNING", "propagate": True},
-    },
-}
+# Every logger, gunicorn's own included, through one handler: text or JSON lines, each
+# naming its request (service/logs.py).
+logconfig_dict = logs.logconfig(_settings)

@@ -25,8 +25,11 @@ from typing import TYPE_CHECKING, Protocol
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.context import CURRENT
+
 if TYPE_CHECKING:
     from service.pool import PoolHealth, PoolKeeper
+    from service.settings import DeploymentSettings, Settings
 
 logger = logging.getLogger("service.metrics")
 
@@ -140,9 +143,62 @@ HTTP_DURATION = Histogram(
     ["route", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# Where a request's time went (service/context.py), by route template and method: the
+# same labels as the duration, so queue + db against it per route leaves the app's share.
+_PART_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+HTTP_QUEUE = Histogram(
+    "pgscale_http_request_queue_seconds",
+    "Time a request waited for a pooled connection, by route template and method"
+    " (0 for requests that use none).",
+    ["route", "method"],
+    buckets=_PART_BUCKETS,
+)
+HTTP_DB = Histogram(
+    "pgscale_http_request_db_seconds",
+    "Time a request held a pooled connection (its statements, PgBouncer's queue"
+    " included), by route template and method.",
+    ["route", "method"],
+    buckets=_PART_BUCKETS,
+)
 HTTP_IN_FLIGHT = _worker_gauge(
     "pgscale_http_requests_in_flight", "Requests being handled by the worker now."
 )
+
+# ---- the replica's own settings, for the budget's rules ------------------------------
+# Constants of the replica, the same in each worker: `max` over its workers is the value.
+
+
+def _setting_gauge(name: str, documentation: str) -> Gauge:
+    return Gauge(name, documentation, multiprocess_mode="max")
+
+
+REPLICA_WORKERS = _setting_gauge("pgscale_replica_workers", "Configured WORKERS of the replica.")
+REPLICA_POOL_MIN = _setting_gauge(
+    "pgscale_replica_pool_min", "Configured POOL_MIN of the replica's workers."
+)
+REPLICA_POOL_MAX = _setting_gauge(
+    "pgscale_replica_pool_max", "Configured POOL_MAX of the replica's workers."
+)
+REPLICA_PGBOUNCERS = _setting_gauge(
+    "pgscale_replica_pgbouncer_instances",
+    "PgBouncer instances the replica's connections spread over (PGBOUNCER_INSTANCES).",
+)
+REPLICA_INFO = Gauge(
+    "pgscale_replica_info",
+    "1, labelled with the replica's REPLICA_NAME and connection strategy.",
+    ["replica_name", "connection_strategy"],
+    multiprocess_mode="max",
+)
+
+
+def record_settings(settings: Settings, deployment: DeploymentSettings) -> None:
+    """The replica's shape, for the rule that compares the budget with PgBouncer's count."""
+    REPLICA_WORKERS.set(settings.workers)
+    REPLICA_POOL_MIN.set(settings.pool_min)
+    REPLICA_POOL_MAX.set(settings.pool_max)
+    REPLICA_PGBOUNCERS.set(deployment.pgbouncer_instances if deployment.via_pgbouncer else 0)
+    REPLICA_INFO.labels(settings.replica_name, settings.connection_strategy).set(1)
+
 
 UNMATCHED_ROUTE = "<unmatched>"  # keeps scanners' random paths out of the label set
 
@@ -294,13 +350,16 @@ class WorkerTally:
     def __init__(self) -> None:
         self.requests: Counter_[tuple[str, str, str]] = Counter_()
         self.in_flight = 0
-        self._durations: dict[tuple[str, ...], TalliedHistogram] = {}
+        self._durations: dict[tuple[str, str], RouteTally] = {}
         self.acquire_wait = TalliedHistogram(POOL_ACQUIRE_SECONDS)
         self._statements: dict[tuple[str, ...], TalliedHistogram] = {}
 
-    def duration(self, route: str, method: str) -> TalliedHistogram:
-        """The latency tally of a route, made once."""
-        return _tally(self._durations, HTTP_DURATION, route, method)
+    def duration(self, route: str, method: str) -> RouteTally:
+        """The latency tallies of a route (whole, queue, db), made once."""
+        tally = self._durations.get((route, method))
+        if tally is None:
+            tally = self._durations[(route, method)] = RouteTally(route, method)
+        return tally
 
     def statement_sizes(self, statement: str) -> TalliedHistogram:
         """The requests-per-statement tally of a coalesced statement, made once."""
@@ -311,8 +370,24 @@ class WorkerTally:
         for (route, method, status), count in pending.items():
             HTTP_REQUESTS.labels(route, method, status).inc(count)
         HTTP_IN_FLIGHT.set(self.in_flight)
-        for tally in (*self._durations.values(), self.acquire_wait, *self._statements.values()):
+        for per_route in self._durations.values():
+            per_route.flush()
+        for tally in (self.acquire_wait, *self._statements.values()):
             tally.flush()
+
+
+class RouteTally:
+    """One route's duration, queue and db tallies: where its requests' time went."""
+
+    def __init__(self, route: str, method: str) -> None:
+        self.duration = TalliedHistogram(HTTP_DURATION.labels(route, method))
+        self.queue = TalliedHistogram(HTTP_QUEUE.labels(route, method))
+        self.db = TalliedHistogram(HTTP_DB.labels(route, method))
+
+    def flush(self) -> None:
+        self.duration.flush()
+        self.queue.flush()
+        self.db.flush()
 
 
 def _tally(
@@ -356,4 +431,9 @@ class HTTPMetrics:
             template = getattr(route, "path", None) or UNMATCHED_ROUTE
             method = scope["method"]
             TALLY.requests[(template, method, str(status))] += 1
-            TALLY.duration(template, method).observe(time.perf_counter() - started)
+            tally = TALLY.duration(template, method)
+            tally.duration.observe(time.perf_counter() - started)
+            timing = CURRENT.get()  # set by service/context.py's middleware, outside this one
+            if timing is not None:
+                tally.queue.observe(timing.queue)
+                tally.db.observe(timing.db)

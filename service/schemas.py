@@ -164,6 +164,10 @@ class Problem(BaseModel):
     status: int
     detail: str | None = None
     errors: list[FieldError] | None = Field(default=None, description="Invalid fields (422).")
+    request_id: str | None = Field(
+        default=None,
+        description="The request's id, as in its X-Request-ID header and the server's log lines.",
+    )
 
 
 _PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}

@@ -130,6 +130,21 @@ class Settings(BaseSettings):
     replica_name: str = Field(default="replica-1", description="Label of this replica.")
     log_level: str = Field(default="info", description="Log level of the service's loggers.")
 
+    # What each request leaves behind (service/context.py, service/logs.py).
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as readable text, or one JSON object each."
+    )
+    access_log: bool = Field(default=False, description="One log line per request.")
+    slow_request_ms: float = Field(
+        default=1000.0,
+        ge=0,
+        description="A request slower than this many ms is always logged (0: never).",
+    )
+    server_timing: bool = Field(
+        default=True,
+        description="Server-Timing on every response (false: a benchmark baseline only).",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> Self:
         if self.pool_min > self.pool_max:

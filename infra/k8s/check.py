@@ -16,8 +16,12 @@ It also checks what must agree: the numbers PgBouncer and PostgreSQL run with ar
 ones the API's start-up guard checks, PgBouncer runs infra/pgbouncer/pgbouncer.ini in
 transaction mode on a version whose SIGTERM drains (>= 1.23), and the API's pooled
 connections retire (POOL_MAX_LIFETIME) within PgBouncer's drain window, and no
-database hop is left at sslmode disable, allow or prefer. Exit code 0
-when every overlay passes, 1 when one does not, 2 when one cannot be rendered.
+database hop is left at sslmode disable, allow or prefer. An overlay
+that states its target (capacity-target.env: TARGET_RPS, WRITE_RATIO, P99_MS,
+POSTGRES_CORES, MAX_CONNECTIONS) must also agree with the capacity planner's shape for
+it (service/planner.py): the HPA's maxReplicas, the PgBouncer replicas, the workers and
+pool sizes. Exit code 0 when every overlay passes, 1 when one does not, 2 when one
+cannot be rendered.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from service.budget import (
     max_safe_replicas,
 )
 from service.budget import render as render_budget
+from service.calibration import load as load_calibration
+from service.planner import NoShape, Target, plan
 from service.rules import (
     pool_mode_problems,
     postgres_sslmode,
@@ -63,6 +69,7 @@ INFRA = Path(__file__).resolve().parent.parent
 REPO = INFRA.parent
 OVERLAYS = REPO / "k8s" / "overlays"
 PGBOUNCER_INI = INFRA / "pgbouncer" / "pgbouncer.ini"
+CAPACITY_TARGET = "capacity-target.env"  # the target an overlay is sized for
 # SIGTERM became the draining shutdown (SHUTDOWN WAIT_FOR_CLIENTS) in PgBouncer 1.23.
 DRAINING_SIGTERM_SINCE = (1, 23)
 
@@ -418,6 +425,80 @@ def overlay_problems(docs: list[Manifest]) -> list[str]:
     )
 
 
+def capacity_target(overlay: Path) -> Target | None:
+    """The target an overlay states (its capacity-target.env), or None."""
+    path = overlay / CAPACITY_TARGET
+    if not path.exists():
+        return None
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return Target(
+        rps=float(values["TARGET_RPS"]),
+        write_ratio=float(values.get("WRITE_RATIO", Target.write_ratio)),
+        p99_ms=float(values.get("P99_MS", Target.p99_ms)),
+        postgres_cores=int(values.get("POSTGRES_CORES", Target.postgres_cores)),
+        max_connections=int(values["MAX_CONNECTIONS"]) if "MAX_CONNECTIONS" in values else None,
+    )
+
+
+def capacity_problems(docs: list[Manifest], target: Target) -> list[str]:
+    """Where the overlay's shape disagrees with the planner's for its target."""
+    try:
+        planned = plan(target, load_calibration()).shape
+    except NoShape as exc:
+        return [f"the planner finds no shape for the overlay's target: {exc}"]
+    hpa = find(docs, "HorizontalPodAutoscaler", "api")["spec"]
+    env = container_env(docs, find(docs, "Deployment", "api"), "api")
+    bouncers = int(find(docs, "Deployment", "pgbouncer")["spec"].get("replicas", 1))
+    exact = [
+        ("HorizontalPodAutoscaler maxReplicas", int(hpa["maxReplicas"]), planned.replicas),
+        ("PgBouncer Deployment replicas", bouncers, planned.instances),
+        ("WORKERS", int(env["WORKERS"]), planned.workers),
+        ("POOL_MIN", int(env["POOL_MIN"]), planned.pool_min),
+        ("POOL_MAX", int(env["POOL_MAX"]), planned.pool_max),
+        (
+            "PGBOUNCER_DEFAULT_POOL_SIZE",
+            int(env["PGBOUNCER_DEFAULT_POOL_SIZE"]),
+            planned.default_pool_size,
+        ),
+        (
+            "PGBOUNCER_RESERVE_POOL_SIZE",
+            int(env["PGBOUNCER_RESERVE_POOL_SIZE"]),
+            planned.reserve_pool_size,
+        ),
+        (
+            "PGBOUNCER_MAX_DB_CONNECTIONS",
+            int(env["PGBOUNCER_MAX_DB_CONNECTIONS"]),
+            planned.max_db_connections,
+        ),
+    ]
+    at_least = [
+        ("HorizontalPodAutoscaler minReplicas", int(hpa.get("minReplicas", 1)), planned.hpa_min),
+        (
+            "PGBOUNCER_MAX_CLIENT_CONN",
+            int(env["PGBOUNCER_MAX_CLIENT_CONN"]),
+            planned.max_client_conn,
+        ),
+        ("POSTGRES_MAX_CONNECTIONS", int(env["POSTGRES_MAX_CONNECTIONS"]), planned.max_connections),
+    ]
+    wanted = f"the planner's for {target.rps:g} req/s"
+    found = [
+        f"{name} is {value}, {wanted} is {plan_value}"
+        for name, value, plan_value in exact
+        if value != plan_value
+    ]
+    found += [
+        f"{name} is {value}, below {wanted} ({plan_value})"
+        for name, value, plan_value in at_least
+        if value < plan_value
+    ]
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("overlay", nargs="*", type=Path, help="default: every k8s/overlays/*")
@@ -437,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n-- {s.bouncers + s.bouncers_draining} PgBouncers holding server connections:\n")
         print(render_budget(high))
         problems = overlay_problems(docs)
+        target = capacity_target(overlay)
+        if target is not None:
+            print(f"-- capacity target: {target.rps:g} req/s ({overlay / CAPACITY_TARGET})")
+            problems += capacity_problems(docs, target)
         for problem in problems:
             print(f"problem: {problem}")
         print()

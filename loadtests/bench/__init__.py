@@ -8,6 +8,8 @@ takes medians over the rounds.
 
 - `pooled`: the service as deployed (through PgBouncer, metrics on);
 - `pooled, metrics off`: the same with METRICS_ENABLED=false (the cost of metrics);
+- `pooled, Server-Timing off`: the same with SERVER_TIMING=false (the cost of timing
+  each request's parts and sending them; GET /items/{id} only);
 - `pooled, coalescing off`: the same with COALESCE_MAX=1, every request its own
   statement (what service/coalesce.py buys);
 - `per-request connection`: a new connection per request, the naive pattern;
@@ -27,8 +29,8 @@ profile of a pooled worker under load.
 
 The machine's speed drifts by tens of percent from minute to minute, so the targets
 that compare two runs (GET /items/{id} against the framework ceiling, POST against GET,
-metrics on against off) are taken within each round, from runs made back to back, and
-the report gives the median of those per-round ratios.
+metrics on against off, Server-Timing on against off) are taken within each round,
+from runs made back to back, and the report gives the median of those per-round ratios.
 
     .venv/bin/python -m loadtests.bench [--rounds 3] [--duration 8] [--connections 64]
 

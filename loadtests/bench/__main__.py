@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import loadtests.bench
+from loadtests.bench.calibration import derive
 from loadtests.bench.plan import Config, Endpoint, Options
 from loadtests.bench.report import REPORTS, build_report, markdown, write_report
 from loadtests.bench.results import median_of, paired_ratios
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [median_of(runs) for runs in raw.values()]
     report = build_report(options, servers.footprints, results, paired_ratios(raw), profile_text)
     write_report(report, out, latest=out_arg is None)
+    # What the capacity planner and the simulation read (service/calibration.py).
+    source = f"make bench ({out.name}, {options.rounds} round(s) of {options.duration} s)"
+    calibration = derive(results, source, os.cpu_count() or 1, options.connections)
+    calibration.write(out / "calibration.json")
+    if out_arg is None:
+        calibration.write(REPORTS / "calibration.json")
     say("")
     say(markdown(report))
     return 0

@@ -34,6 +34,7 @@ class Config(Enum):
     POOLED = "pooled"
     PLAIN = "plain"  # pooled, TLS off on both hops (its own PgBouncer)
     NOMETRICS = "nometrics"
+    NOTIMING = "notiming"
     SINGLE = "single"
     TWO_BOUNCERS = "two-bouncers"  # coalescing off, through two PgBouncer instances
     NAIVE = "naive"
@@ -58,6 +59,7 @@ LABELS = {
     Config.POOLED: "pooled (as deployed)",
     Config.PLAIN: "pooled, TLS off",
     Config.NOMETRICS: "pooled, metrics off",
+    Config.NOTIMING: "pooled, Server-Timing off",
     Config.SINGLE: "pooled, coalescing off",
     Config.TWO_BOUNCERS: "coalescing off, 2 PgBouncers",
     Config.NAIVE: "per-request connection",
@@ -73,6 +75,7 @@ REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
     Config.POOLED: {},
     Config.PLAIN: {},  # the rig points it at the PgBouncer without TLS
     Config.NOMETRICS: {"METRICS_ENABLED": "false"},
+    Config.NOTIMING: {"SERVER_TIMING": "false"},
     Config.SINGLE: {"COALESCE_MAX": "1"},
     # Its DATABASE_URL names both PgBouncers (rig.py): each connection picks one.
     Config.TWO_BOUNCERS: {"COALESCE_MAX": "1", "PGBOUNCER_INSTANCES": "2"},
@@ -104,6 +107,7 @@ PLAN = [
     RunKey(Config.POOLED, Endpoint.GET_ITEM),
     RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
     RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     RunKey(Config.SINGLE, Endpoint.GET_ITEM),
     RunKey(Config.TWO_BOUNCERS, Endpoint.GET_ITEM),
     RunKey(Config.PLAIN, Endpoint.POST_VISIT),
@@ -147,6 +151,7 @@ class Pair(Enum):
     ITEM_VS_FRAMEWORK = "GET /items/{id} vs framework ceiling"
     VISIT_VS_ITEM = "POST /visits vs GET /items/{id}"
     ITEM_METRICS = "GET /items/{id} metrics on vs off"
+    ITEM_TIMING = "GET /items/{id} Server-Timing on vs off"
     ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
     VISIT_COALESCING = "POST /visits coalescing on vs off"
     ITEM_TLS = "GET /items/{id} TLS on vs off"
@@ -168,6 +173,10 @@ PAIRS = {
     Pair.ITEM_METRICS: (
         RunKey(Config.POOLED, Endpoint.GET_ITEM),
         RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
+    ),
+    Pair.ITEM_TIMING: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     ),
     Pair.ITEM_COALESCING: (
         RunKey(Config.POOLED, Endpoint.GET_ITEM),

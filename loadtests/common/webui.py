@@ -4,16 +4,20 @@ Routes, added to the web UI's Flask app (behind `--web-login` when it is on):
 
 - `/connections`: a page charting users and connection counts over time;
 - `/connections/samples`: the recent samples as JSON (`?last=N`, default 900);
-- `/connections/csv`: the sampler's CSV file.
+- `/connections/csv`: the sampler's CSV file;
+- `/server-timing/csv`: the Server-Timing tally per endpoint (timing.py) as CSV.
 
 The web UI (2.22+, React) shows extra tabs declared in its template arguments
 (`extended_tabs`, `extended_tables`) and fills them from an `extended_stats` list in
 its `/stats/requests` polls; the Connections tab is a table of current and peak counts,
-and the Download Data tab links to the chart and the CSV.
+the Server-Timing tab each endpoint's queue, db and app percentiles beside Locust's own,
+and the Download Data tab links to the chart and the CSVs.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +29,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 from locust.web import WebUI
 
-from loadtests.common import sampler
+from loadtests.common import sampler, server_timing, timing
 from loadtests.common.hooks import on
 
 TAB = "connections"
@@ -46,6 +50,29 @@ TAB_ROWS = (
     ("pg_max_connections", "PostgreSQL max_connections"),
     ("saturated_503", "503s shed on purpose"),
 )
+
+
+TIMING_TAB = "server_timing"
+# The Server-Timing tab's columns (ms): each part's percentiles, then Locust's own.
+TIMING_COLUMNS = (
+    ("name", "Endpoint"),
+    ("count", "Responses"),
+    *(
+        (f"{part}_{int(p * 100)}", f"{part} p{int(p * 100)}")
+        for part in server_timing.PARTS
+        for p in server_timing.PERCENTILES
+    ),
+    *((f"locust_{int(p * 100)}", f"Locust p{int(p * 100)}") for p in server_timing.PERCENTILES),
+)
+
+
+def timing_rows(environment: Environment) -> list[dict[str, Any]]:
+    """The Server-Timing tab: per endpoint, where its time went beside Locust's total."""
+    table = server_timing.rows(timing.TALLY, timing.locust_percentiles(environment))
+    if not table:
+        return [{"name": "no Server-Timing seen yet"}]
+    keys = [key for key, _ in TIMING_COLUMNS]
+    return [dict(zip(keys, [f"{row[0]} {row[1]}", *row[2:]], strict=True)) for row in table]
 
 
 def _recent(last: int) -> list[dict[str, Any]]:
@@ -88,7 +115,10 @@ def install(web_ui: WebUI) -> None:
     app = web_ui.app
     assert app is not None  # set by WebUI.__init__
     protect = _protect(web_ui)
-    web_ui.template_args["extended_tabs"] = [{"title": "Connections", "key": TAB}]
+    web_ui.template_args["extended_tabs"] = [
+        {"title": "Connections", "key": TAB},
+        {"title": "Server-Timing", "key": TIMING_TAB},
+    ]
     web_ui.template_args["extended_tables"] = [
         {
             "key": TAB,
@@ -97,11 +127,16 @@ def install(web_ui: WebUI) -> None:
                 {"key": "now", "title": "Now"},
                 {"key": "peak", "title": "Peak this run"},
             ],
-        }
+        },
+        {
+            "key": TIMING_TAB,
+            "structure": [{"key": key, "title": title} for key, title in TIMING_COLUMNS],
+        },
     ]
     web_ui.template_args["extended_csv_files"] = [
         {"href": "./connections", "title": "Connections chart (PgBouncer and PostgreSQL)"},
         {"href": "./connections/csv", "title": "Download connection samples CSV"},
+        {"href": "./server-timing/csv", "title": "Download Server-Timing per endpoint CSV"},
     ]
 
     @app.route("/connections")
@@ -124,14 +159,30 @@ def install(web_ui: WebUI) -> None:
             return Response("the sampler is off\n", status=404, mimetype="text/plain")
         return send_file(current.config.csv.resolve(), mimetype="text/csv", as_attachment=True)
 
+    @app.route("/server-timing/csv")
+    @protect
+    def server_timing_csv() -> Response:
+        table = server_timing.rows(timing.TALLY, timing.locust_percentiles(web_ui.environment))
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(server_timing.columns())
+        writer.writerows(table)
+        headers = {"Content-Disposition": "attachment; filename=server_timing.csv"}
+        return Response(out.getvalue(), mimetype="text/csv", headers=headers)
+
     @app.after_request
     def add_tab_rows(response: Response) -> Response:
         if not request.path.endswith("/stats/requests") or response.status_code != 200:
             return response
         body = response.get_json(silent=True)
         if isinstance(body, dict):
-            extended = [e for e in body.get("extended_stats") or [] if e.get("key") != TAB]
-            body["extended_stats"] = [*extended, {"key": TAB, "data": tab_rows()}]
+            mine = (TAB, TIMING_TAB)
+            extended = [e for e in body.get("extended_stats") or [] if e.get("key") not in mine]
+            body["extended_stats"] = [
+                *extended,
+                {"key": TAB, "data": tab_rows()},
+                {"key": TIMING_TAB, "data": timing_rows(web_ui.environment)},
+            ]
             response.set_data(json.dumps(body))
         return response
 

@@ -23,6 +23,7 @@ from loadtests.bench.plan import (
 from loadtests.bench.report import latency_floor
 from loadtests.bench.results import Result, paired_ratios
 from loadtests.bench.scripts import SCRIPTS
+from service.calibration import load as load_calibration
 
 
 def run(key: RunKey, round_: int, rps: float) -> Result:
@@ -148,5 +149,12 @@ def test_one_short_round_end_to_end(tmp_path: Path) -> None:
         assert scaling[name]["pgbouncer_cpu_ms_per_statement"] > 0
     markdown = (tmp_path / "bench.md").read_text()
     assert "What a second PgBouncer buys" in markdown
+    # The calibration the capacity planner reads, derived from this run.
+    calibration = load_calibration(tmp_path / "calibration.json")
+    for process in ("worker", "pgbouncer", "postgres"):
+        for kind in ("read", "write", "list"):
+            assert calibration.cost(process, kind).at(1) > 0, (process, kind)
+    assert calibration.requests_per_statement.keys() == {4, 16}
+    assert calibration.per_worker_rps["read"] > 0
     assert "CPU per request" in markdown
     assert "Latency arithmetic" in markdown

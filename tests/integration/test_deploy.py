@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -736,7 +736,7 @@ def test_budget_check_fails_when_postgres_cannot_hold_every_pgbouncer(
     docs: list[Manifest],
 ) -> None:
     topology = next(d for d in docs if d["metadata"]["name"].startswith("pgscale-topology"))
-    topology["data"]["POSTGRES_MAX_CONNECTIONS"] = "40"
+    topology["data"]["POSTGRES_MAX_CONNECTIONS"] = "30"
     found = k8s.budget_problems(docs)
     assert any("holding server connections" in p and "PostgreSQL" in p for p in found), found
 
@@ -768,6 +768,35 @@ def test_pgbouncer_check_fails_on_a_version_whose_sigterm_does_not_drain(
         "edoburu/pgbouncer:1.18.0"
     )
     assert any("before 1.23" in p for p in k8s.pgbouncer_problems(docs))
+
+
+def test_prod_states_its_target_and_agrees_with_the_planner(
+    manifests: dict[str, list[Manifest]],
+) -> None:
+    target = k8s.capacity_target(REPO / "k8s" / "overlays" / "prod")
+    assert target is not None
+    assert k8s.capacity_problems(copy.deepcopy(manifests["prod"]), target) == []
+
+
+def test_capacity_check_fails_when_the_overlay_disagrees_with_the_planner(
+    manifests: dict[str, list[Manifest]],
+) -> None:
+    target = k8s.capacity_target(REPO / "k8s" / "overlays" / "prod")
+    assert target is not None
+    docs = copy.deepcopy(manifests["prod"])
+    k8s.find(docs, "HorizontalPodAutoscaler", "api")["spec"]["maxReplicas"] += 4
+    k8s.find(docs, "Deployment", "pgbouncer")["spec"]["replicas"] += 1
+    topology = next(d for d in docs if d["metadata"]["name"].startswith("pgscale-topology"))
+    topology["data"]["PGBOUNCER_DEFAULT_POOL_SIZE"] = "20"
+    found = k8s.capacity_problems(docs, target)
+    assert [p.split(" is ")[0] for p in found] == [
+        "HorizontalPodAutoscaler maxReplicas",
+        "PgBouncer Deployment replicas",
+        "PGBOUNCER_DEFAULT_POOL_SIZE",
+    ], found
+    # A target past what the calibrated PostgreSQL can do is a problem of its own.
+    past = k8s.capacity_problems(docs, replace(target, rps=10 * target.rps))
+    assert past[0].startswith("the planner finds no shape"), past
 
 
 def configmap_data(docs: list[Manifest], prefix: str) -> dict[str, str]:

@@ -114,6 +114,13 @@ def test_scenario_runs_headless_and_samples_connections(
     rows = connection_samples(prefix)
     assert max(int(row["users"]) for row in rows) == 8
     assert any(f"{target.name}=" in row["pgb_clients_by_replica"] for row in rows)
+    # Where the time went, per endpoint, beside Locust's own percentiles.
+    timings = read_csv(Path(f"{prefix}_server_timing.csv"))
+    assert timings, result.stderr[-2000:]
+    for row in timings:
+        assert int(row["Request Count"]) > 0
+        assert float(row["db 50%"]) > 0, row  # every scenario's requests touch the database
+        assert float(row["Locust 50%"]) > 0, row
 
 
 @pytest.mark.parametrize(("scenario", "peak_users"), [("stages", 2 * POOL_MAX), ("spike", 16)])

@@ -211,3 +211,40 @@ def test_two_workers_pool_gauges_are_visible_and_sum(
 
     assert procs.wait_until(replaced, 20)
     assert httpx.get(f"{replica.url}/items/1").status_code == 200
+
+
+def test_the_budget_rules_predict_the_running_shape(scraped: Stack) -> None:
+    """2 replicas x 2 workers x POOL_MAX 3 over two PgBouncers: 12 predicted, 6 each,
+    and the clients the PgBouncers count within the drift alert's bound."""
+
+    def value(expr: str) -> float | None:
+        found = query(scraped, expr)
+        return float(found[0]["value"][1]) if found else None
+
+    assert procs.wait_until(
+        lambda: value("pgscale:budget_client_connections_peak:sum") == 12, 30
+    ), value("pgscale:budget_client_connections_peak:sum")
+    assert value("pgscale:budget_client_connections_peak:per_pgbouncer") == 6
+    assert value("pgscale:budget_client_connections_rest:sum") == 4  # POOL_MIN 1
+    ratios = query(scraped, "pgbouncer:client_connections_over_budget:ratio")
+    assert len(ratios) == 2  # one per PgBouncer
+    counted = value("sum(pgbouncer:client_connections:sum)")
+    assert counted is not None
+    assert 4 <= counted <= 1.2 * 12
+
+
+def test_where_the_time_goes_adds_up(scraped: Stack) -> None:
+    """Per route, queue + db stays within the whole request time, and reads hold a
+    connection for some of it."""
+    by_route = "sum by (route, method) (rate(pgscale_http_request_{}_seconds_{}[1m]))"
+    parts = {
+        part: {
+            (s["metric"]["route"], s["metric"]["method"]): float(s["value"][1])
+            for s in query(scraped, by_route.format(part, "sum"))
+        }
+        for part in ("queue", "db", "duration")
+    }
+    read = ("/items/{item_id}", "GET")
+    assert parts["db"][read] > 0
+    for key, whole in parts["duration"].items():
+        assert parts["queue"][key] + parts["db"][key] <= whole * 1.001, key

@@ -15,6 +15,7 @@ from psycopg_pool import PoolTimeout, TooManyRequests
 
 from service.checkout import CheckoutQueue
 from service.coalesce import Coalescer
+from service.context import CURRENT, Timing
 from service.metrics import NullPoolObserver
 
 T = TypeVar("T")
@@ -252,5 +253,58 @@ def test_a_request_that_gives_up_leaves_its_batch_served() -> None:
         assert isinstance(results[0], asyncio.CancelledError)
         assert results[1:] == [10, 20]
         assert h.queue.waiting == 0
+
+    run(scenario)
+
+
+def test_each_request_of_a_batch_gets_its_own_wait_and_the_shared_statement() -> None:
+    """Server-Timing's parts: a rider waited from its own arrival, every request is
+    told the batch's size, and none of it lands on a request outside the batch."""
+
+    async def timed_load(h: Harness, key: int) -> Timing:
+        timing = Timing(f"r{key}")
+        CURRENT.set(timing)  # what service/context.py's middleware does, per request task
+        await h.coalescer.load(key)
+        return timing
+
+    async def scenario() -> None:
+        h = Harness(slots=1)
+        outsider = Timing("outside")
+        CURRENT.set(outsider)
+        release = asyncio.Event()
+        holder = asyncio.create_task(held(h.queue, release))
+        await asyncio.sleep(0)
+        loads = [asyncio.create_task(timed_load(h, k)) for k in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        release.set()
+        await holder
+        timings = await asyncio.gather(*loads)
+        assert [t.batch for t in timings] == [3, 3, 3]
+        assert all(t.queue >= 0.01 for t in timings)
+        assert len({t.db for t in timings}) == 1
+        assert (outsider.queue, outsider.db, outsider.batch) == (0.0, 0.0, 0)
+
+    run(scenario)
+
+
+def test_a_batch_that_gets_no_connection_says_how_long_each_request_waited() -> None:
+    async def timed_load(h: Harness, key: int) -> Timing:
+        timing = Timing(f"r{key}")
+        CURRENT.set(timing)
+        with pytest.raises(PoolTimeout):
+            await h.coalescer.load(key)
+        return timing
+
+    async def scenario() -> None:
+        h = Harness(slots=1, timeout=0.05)
+        release = asyncio.Event()
+        holder = asyncio.create_task(held(h.queue, release))
+        await asyncio.sleep(0)
+        timings = await asyncio.gather(*(timed_load(h, k) for k in (1, 2)))
+        release.set()
+        await holder
+        assert [t.batch for t in timings] == [2, 2]
+        assert all(t.queue >= 0.04 for t in timings), [t.queue for t in timings]
+        assert all(t.db == 0 for t in timings)
 
     run(scenario)

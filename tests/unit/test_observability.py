@@ -21,6 +21,7 @@ from tests.support.dashboards import DASHBOARDS, panels
 INFRA = REPO / "infra"
 DOCS = REPO / "docs"
 RULE_FILES = sorted((INFRA / "prometheus" / "rules").glob("*.yml"))
+RULE_TESTS = sorted((INFRA / "prometheus" / "tests").glob("*.yml"))
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,8 +38,9 @@ def test_rules_are_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alert_unit_tests_pass() -> None:
-    result = promtool("test", "rules", str(INFRA / "prometheus" / "tests" / "alerts-test.yml"))
+@pytest.mark.parametrize("path", RULE_TESTS, ids=lambda p: p.name)
+def test_alert_unit_tests_pass(path: Path) -> None:
+    result = promtool("test", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -51,10 +53,10 @@ def alerts() -> list[str]:
 
 
 def test_every_alert_has_a_firing_and_a_silent_case() -> None:
-    tests = yaml.safe_load((INFRA / "prometheus" / "tests" / "alerts-test.yml").read_text())
+    tests = [t for path in RULE_TESTS for t in yaml.safe_load(path.read_text())["tests"]]
     firing: set[str] = set()
     silent: set[str] = set()
-    for test in tests["tests"]:
+    for test in tests:
         for case in test.get("alert_rule_test", []):
             (firing if case["exp_alerts"] else silent).add(case["alertname"])
     names = set(alerts())

@@ -1,0 +1,506 @@
+"""A discrete-event model of the deployment (SimPy), driven by the calibration.
+
+R replicas x W workers, each a single-threaded process with a pool (POOL_MIN..POOL_MAX,
+grown on demand, checkout queue bounded by POOL_TIMEOUT and POOL_MAX_WAITING) and
+coalescing as service/coalesce.py does it (a request that finds a batch of its kind
+waiting for a connection joins it; one statement serves the batch). Behind them N
+PgBouncers, each one core with a pool of default_pool_size server connections that a
+statement waits for at most query_wait_timeout, or, direct, PostgreSQL's own slots
+(max_connections less the reserved and the others), past which connecting is refused.
+PostgreSQL runs statements on C cores, one process per backend. Every CPU burst costs
+what the calibration says (service/calibration.py); no number is fitted to the results
+the model is checked against (validate.py names the few that are not the bench's).
+
+On this machine (`shared_cores`), every process also competes for the same cores, the
+load generator (Locust, one process) and the load balancer included; a fleet gets a
+core per worker, per PgBouncer, and PostgreSQL's own.
+
+Time is in milliseconds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+
+from service.calibration import Calibration, Kind
+
+Process = Generator[simpy.Event, Any, Any]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Shares of the request kinds (they sum to 1)."""
+
+    read: float = 1.0
+    list: float = 0.0
+    write: float = 0.0
+
+    def draw(self, rng: random.Random) -> Kind:
+        x = rng.random()
+        if x < self.read:
+            return "read"
+        return "list" if x < self.read + self.list else "write"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One simulated deployment and its load: `users` in a closed loop, or `rps` open."""
+
+    replicas: int
+    workers: int
+    pool_min: int
+    pool_max: int
+    mix: Mix = Mix()
+    users: int = 0  # closed loop: each keeps one request in flight, no pause
+    rps: float = 0.0  # open loop: Poisson arrivals
+    coalesce_max: int = 64
+    pool_timeout_ms: float = 2000.0
+    max_waiting: int = 128
+    via_pgbouncer: bool = True
+    instances: int = 1
+    default_pool_size: int = 20
+    query_wait_timeout_ms: float = 5000.0
+    postgres_cores: int = 2
+    max_connections: int = 100
+    superuser_reserved: int = 3
+    other_backends: int = 2  # PostgreSQL's other clients (the sampler, the exporter)
+    shared_cores: int | None = None  # everything on these cores (this machine)
+    slice_ms: float = 1.5  # the scheduler's base slice there (EEVDF: 0.75 ms x (1 + log2 2))
+    load_generator_ms: float = 0.0  # per request, one single-threaded process (shared)
+    balancer_ms: float = 0.0  # per request, the load balancer (shared)
+    rtt_ms: float = 0.0  # network round trip per hop
+    connect_ms: float = 2.0
+    # Turns of a worker's event loop between a batch opening and its checkout (its
+    # task is created, then runs), and between a connection given and the batch taking
+    # it (the waiter wakes): requests read meanwhile join the batch.
+    turns: int = 1
+    # Closed loop: each user keeps one connection, served by one worker (wrk straight
+    # to gunicorn); otherwise each request picks a worker (haproxy reuses its
+    # connections to a replica for any client).
+    pinned: bool = False
+    reconnect_ms: float = 1000.0  # after a refused connection
+    duration_ms: float = 3000.0
+    warmup_ms: float = 500.0
+    seed: int = 1
+
+
+@dataclass
+class Outcome:
+    """What the sampler, Locust and the metrics would have seen."""
+
+    requests: int
+    errors: dict[str, int]
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    client_connections: int  # peak app connections (into PgBouncer, or PostgreSQL direct)
+    clients_per_instance: list[int]
+    pgbouncer_servers: int  # sum of each instance's peak server connections
+    postgres_backends: int  # peak backends, other clients included
+    refused: int  # connections PostgreSQL refused (direct)
+    requests_per_statement: float  # coalesced kinds
+    utilization: dict[str, float]  # busiest worker / PgBouncer, PostgreSQL, the machine
+
+    @property
+    def saturated(self) -> str:
+        """The tier closest to 100% busy."""
+        tiers = {k: v for k, v in self.utilization.items() if k != "machine"}
+        return max(tiers, key=lambda k: tiers[k])
+
+    @property
+    def error_ratio(self) -> float:
+        failed = sum(self.errors.values())
+        return failed / max(1, failed + self.requests)
+
+
+class _Cpu:
+    """A single-threaded process (or a pool of cores), with the busy time it spent.
+
+    On a shared machine a process holds a core for consecutive bursts while it has work
+    queued, up to the scheduler's slice, then goes to the back of the run queue: how
+    Linux (EEVDF) shares 2 cores among a dozen busy processes, and where most of the
+    latency spread on this machine comes from.
+    """
+
+    def __init__(
+        self, env: simpy.Environment, capacity: int, machine: _Cpu | None, slice_ms: float = 0
+    ) -> None:
+        self.env = env
+        self.threads = simpy.Resource(env, capacity)
+        self.machine = machine
+        self.slice_ms = slice_ms if capacity == 1 else 0.0
+        self.core_request: Any = None
+        self.held_since = 0.0
+        self.busy = 0.0
+        self.since = 0.0
+
+    def run(self, ms: float) -> Process:
+        """Run `ms` of CPU; 0 is a turn of the event loop (behind what is queued)."""
+        with self.threads.request() as thread:
+            yield thread
+            machine = self.machine
+            if ms <= 0:
+                pass
+            elif machine is None:
+                yield self.env.timeout(ms)
+            elif not self.slice_ms:
+                with machine.threads.request() as core:
+                    yield core
+                    yield self.env.timeout(ms)
+            else:
+                if self.core_request is None:
+                    self.core_request = machine.threads.request()
+                    yield self.core_request
+                    self.held_since = self.env.now
+                yield self.env.timeout(ms)
+            if self.core_request is not None and machine is not None:
+                more = len(self.threads.queue) > 0
+                if not more or self.env.now - self.held_since >= self.slice_ms:
+                    machine.threads.release(self.core_request)
+                    self.core_request = None
+            if machine is not None and ms > 0:
+                machine.count(ms)
+            if ms > 0:
+                self.count(ms)
+
+    def count(self, ms: float) -> None:
+        if self.env.now >= self.since:
+            self.busy += ms
+
+
+@dataclass
+class _Batch:
+    kind: Kind
+    done: simpy.Event
+    size: int = 1
+    ok: bool = True
+    reason: str = ""
+
+
+@dataclass
+class _Conn:
+    instance: int  # which PgBouncer (-1: direct)
+    backend: _Cpu | None  # direct: its own PostgreSQL backend
+
+
+class _Sim:
+    def __init__(self, setup: Setup, calibration: Calibration) -> None:
+        s = self.s = setup
+        self.cal = calibration
+        self.env = env = simpy.Environment()
+        self.rng = random.Random(setup.seed)
+        self.machine = _Cpu(env, s.shared_cores, None) if s.shared_cores else None
+        if self.machine:
+            self.machine.since = s.warmup_ms
+        # What PostgreSQL's backends run on: the machine's cores, or its own.
+        self.postgres = self.machine or _Cpu(env, s.postgres_cores, None)
+        self.postgres.since = s.warmup_ms
+        n = s.replicas * s.workers
+        self.workers = [_Worker(self, i) for i in range(n)]
+        self.bouncers = [_Bouncer(self) for _ in range(s.instances if s.via_pgbouncer else 0)]
+        self.generator = _Cpu(env, 1, self.machine, s.slice_ms) if s.load_generator_ms else None
+        self.balancer = _Cpu(env, 1_000_000, self.machine) if s.balancer_ms else None
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.open = 0
+        self.peak_open = 0
+        self.slots = s.max_connections - s.superuser_reserved - s.other_backends
+        self.backends = 0
+        self.peak_backends = 0
+        self.refused = 0
+        self.statements = 0
+        self.coalesced_requests = 0
+        self.postgres_busy = 0.0
+
+    # -- what every tier does ---------------------------------------------------------
+
+    def backend(self) -> _Cpu:
+        """A PostgreSQL backend: a process of its own, on PostgreSQL's cores."""
+        cpu = _Cpu(self.env, 1, self.postgres, self.s.slice_ms)
+        cpu.since = self.s.warmup_ms
+        return cpu
+
+    def connect(self, worker: _Worker) -> Process:
+        yield self.env.timeout(self.s.connect_ms)
+        if self.s.via_pgbouncer:
+            instance = self.rng.randrange(len(self.bouncers))
+            self.bouncers[instance].clients += 1
+            conn = _Conn(instance, None)
+        else:
+            if self.backends >= self.slots:
+                self.refused += 1
+                return None
+            self.backends += 1
+            self.peak_backends = max(self.peak_backends, self.backends)
+            conn = _Conn(-1, self.backend())
+        self.open += 1
+        self.peak_open = max(self.peak_open, self.open)
+        return conn
+
+    def statement(self, conn: _Conn, kind: Kind, k: int) -> Process:
+        """One statement serving k requests, from the worker's send to its reply."""
+        s, cal = self.s, self.cal
+        pg_ms = cal.cost("postgres", kind).statement(k)
+        if self.env.now >= s.warmup_ms:
+            self.postgres_busy += pg_ms
+        if conn.backend is not None:
+            yield self.env.timeout(s.rtt_ms)
+            yield from conn.backend.run(pg_ms)
+            return True
+        bouncer = self.bouncers[conn.instance]
+        hop = s.rtt_ms / 2
+        bouncer_ms = cal.cost("pgbouncer", kind).statement(k) / 2
+        yield self.env.timeout(hop)
+        server = yield from bouncer.server()
+        if server is None:
+            return False
+        held = self.env.now
+        yield from bouncer.cpu.run(bouncer_ms)
+        yield self.env.timeout(hop)
+        yield from server.run(pg_ms)
+        yield self.env.timeout(hop)
+        yield from bouncer.cpu.run(bouncer_ms)
+        if held >= s.warmup_ms:
+            bouncer.server_busy += self.env.now - held
+        yield bouncer.idle.put(server)
+        yield self.env.timeout(hop)
+        return True
+
+    def fail(self, reason: str, count: int = 1) -> None:
+        if self.env.now >= self.s.warmup_ms:
+            self.errors[reason] = self.errors.get(reason, 0) + count
+
+    # -- the load ---------------------------------------------------------------------
+
+    def request(self, kind: Kind, worker: _Worker | None = None) -> Process:
+        """One request from the load balancer to its answer: whether it succeeded."""
+        s = self.s
+        if self.balancer:
+            yield from self.balancer.run(s.balancer_ms)
+        if worker is None:  # a random replica (haproxy's leastconn, a Service), any worker
+            replica = self.rng.randrange(s.replicas)
+            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
+        ok = yield from worker.handle(kind)
+        return ok
+
+    def user(self) -> Process:
+        s = self.s
+        worker = None
+        if s.pinned:  # a keep-alive connection stays with the worker that accepted it
+            replica = self.rng.randrange(s.replicas)
+            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
+        while True:
+            kind = self.s.mix.draw(self.rng)
+            start = self.env.now  # Locust's clock runs from before it sends to after it reads
+            if self.generator:
+                yield from self.generator.run(self.s.load_generator_ms / 2)
+            ok = yield from self.request(kind, worker)
+            if self.generator:
+                yield from self.generator.run(self.s.load_generator_ms / 2)
+            if ok and start >= self.s.warmup_ms:
+                self.latencies.append(self.env.now - start)
+            if not ok:
+                yield self.env.timeout(1.0)  # Locust moves on; keep a failing loop from spinning
+
+    def arrivals(self) -> Process:
+        while True:
+            yield self.env.timeout(self.rng.expovariate(self.s.rps / 1000))
+            self.env.process(self.one(self.s.mix.draw(self.rng)))
+
+    def one(self, kind: Kind) -> Process:
+        start = self.env.now
+        ok = yield from self.request(kind)
+        if ok and start >= self.s.warmup_ms:
+            self.latencies.append(self.env.now - start)
+
+    def run(self) -> Outcome:
+        s = self.s
+        for worker in self.workers:
+            worker.start()
+        if s.users:
+            for _ in range(s.users):
+                self.env.process(self.user())
+        else:
+            self.env.process(self.arrivals())
+        self.env.run(until=s.duration_ms)
+        window = s.duration_ms - s.warmup_ms
+        lat = sorted(self.latencies)
+
+        def pct(q: float) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+
+        utilization = {
+            "workers": max(w.cpu.busy for w in self.workers) / window,
+            "PostgreSQL": self.postgres_busy / (window * (s.shared_cores or s.postgres_cores)),
+        }
+        # Pools: the busiest worker's connections, all of PgBouncer's server connections.
+        utilization["pools"] = max(w.conn_busy for w in self.workers) / (window * s.pool_max)
+        if self.bouncers:
+            utilization["PgBouncer"] = max(b.cpu.busy for b in self.bouncers) / window
+            utilization["server pools"] = sum(b.server_busy for b in self.bouncers) / (
+                window * s.default_pool_size * len(self.bouncers)
+            )
+        if self.machine:
+            utilization["machine"] = self.machine.busy / (window * (s.shared_cores or 1))
+        servers = sum(b.peak for b in self.bouncers)
+        backends = servers if s.via_pgbouncer else self.peak_backends
+        return Outcome(
+            requests=len(lat),
+            errors=dict(self.errors),
+            rps=len(lat) / window * 1000,
+            p50_ms=pct(0.50),
+            p95_ms=pct(0.95),
+            p99_ms=pct(0.99),
+            client_connections=self.peak_open,
+            clients_per_instance=[b.clients for b in self.bouncers],
+            pgbouncer_servers=servers,
+            postgres_backends=backends + s.other_backends,
+            refused=self.refused,
+            requests_per_statement=(
+                self.coalesced_requests / self.statements if self.statements else 1.0
+            ),
+            utilization=utilization,
+        )
+
+
+class _Bouncer:
+    """One PgBouncer: a core, its clients, and server connections opened as needed."""
+
+    def __init__(self, sim: _Sim) -> None:
+        self.sim = sim
+        self.cpu = _Cpu(sim.env, 1, sim.machine, sim.s.slice_ms)
+        self.cpu.since = sim.s.warmup_ms
+        self.idle: simpy.Store = simpy.Store(sim.env)
+        self.peak = 0  # servers opened (kept: server_idle_timeout is far longer than a run)
+        self.clients = 0
+        self.server_busy = 0.0  # ms of server connections held
+
+    def server(self) -> Process:
+        """An idle server, a new one while below default_pool_size, or a wait for one
+        within query_wait_timeout (None past it)."""
+        env, s = self.sim.env, self.sim.s
+        if not self.idle.items and self.peak < s.default_pool_size:
+            self.peak += 1
+            yield env.timeout(s.connect_ms)
+            return self.sim.backend()
+        get = self.idle.get()
+        got = yield get | env.timeout(s.query_wait_timeout_ms)
+        if get in got:
+            return got[get]
+        get.cancel()
+        return None
+
+
+class _Worker:
+    """One worker: its CPU, pool, checkout queue and open batches."""
+
+    def __init__(self, sim: _Sim, index: int) -> None:
+        self.sim = sim
+        self.env = sim.env
+        self.cpu = _Cpu(sim.env, 1, sim.machine, sim.s.slice_ms)
+        self.cpu.since = sim.s.warmup_ms
+        self.idle: simpy.Store = simpy.Store(sim.env)
+        self.size = 0  # connections open or opening
+        self.waiting = 0
+        self.refused_until = 0.0
+        self.conn_busy = 0.0  # ms of pool connections held
+        self.batches: dict[Kind, _Batch] = {}
+
+    def start(self) -> None:
+        for _ in range(self.sim.s.pool_min):
+            self.grow()
+
+    def grow(self) -> None:
+        if self.size < self.sim.s.pool_max and self.env.now >= self.refused_until:
+            self.size += 1
+            self.env.process(self._open())
+
+    def _open(self) -> Process:
+        conn = yield from self.sim.connect(self)
+        if conn is None:
+            self.size -= 1
+            self.refused_until = self.env.now + self.sim.s.reconnect_ms
+            return
+        yield self.idle.put(conn)
+
+    def checkout(self, riders: int = 0) -> Process:
+        """A connection within POOL_TIMEOUT, or None with the reason recorded."""
+        s = self.sim.s
+        if self.idle.items:
+            conn = yield self.idle.get()
+            return conn, ""
+        if s.max_waiting and self.waiting >= s.max_waiting:
+            return None, "503 too many waiting"
+        self.waiting += 1
+        self.grow()  # psycopg_pool grows while requests wait, up to POOL_MAX
+        get = self.idle.get()
+        got = yield get | self.env.timeout(s.pool_timeout_ms)
+        self.waiting -= 1
+        if get in got:
+            return got[get], ""
+        get.cancel()
+        return None, "503 pool timeout"
+
+    def handle(self, kind: Kind) -> Process:
+        sim, s = self.sim, self.sim.s
+        cost = sim.cal.cost("worker", kind)
+        yield from self.cpu.run(cost.per_request / 2)
+        coalesced = kind != "list" and s.coalesce_max > 1
+        batch = self.batches.get(kind) if coalesced else None
+        if batch is not None and batch.size < s.coalesce_max:
+            if s.max_waiting and self.waiting >= s.max_waiting:
+                sim.fail("503 too many waiting")
+                return False
+            batch.size += 1
+            self.waiting += 1
+            yield batch.done
+            self.waiting -= 1
+            return batch.ok
+        batch = _Batch(kind, self.env.event())
+        if coalesced:
+            self.batches[kind] = batch
+            # The batch's task reaches the checkout queue on a later turn of the event
+            # loop: requests read in this turn join it first (service/coalesce.py).
+            for _ in range(self.sim.s.turns):
+                yield from self.cpu.run(0)
+        conn, reason = yield from self.checkout()
+        if coalesced and conn is not None:
+            # A connection given to a waiting task wakes it on the next turn; the batch
+            # takes its requests then (Batch.take), so latecomers of this turn ride too.
+            for _ in range(self.sim.s.turns):
+                yield from self.cpu.run(0)
+        if self.batches.get(kind) is batch:
+            del self.batches[kind]
+        if conn is None:
+            batch.ok, batch.reason = False, reason
+            sim.fail(reason, batch.size)
+            batch.done.succeed()
+            return False
+        k = batch.size
+        held = self.env.now
+        yield from self.cpu.run(cost.per_statement / 2)
+        ok = yield from sim.statement(conn, kind, k)
+        yield from self.cpu.run(cost.per_statement / 2)
+        if held >= s.warmup_ms:
+            self.conn_busy += self.env.now - held
+        yield self.idle.put(conn)
+        if coalesced and self.env.now >= s.warmup_ms:
+            sim.statements += 1
+            sim.coalesced_requests += k
+        yield from self.cpu.run(cost.per_request / 2 * k)
+        if not ok:
+            batch.ok = False
+            sim.fail("query_wait_timeout", k)
+        batch.done.succeed()
+        return ok
+
+
+def simulate(setup: Setup, calibration: Calibration) -> Outcome:
+    """Run the model once."""
+    return _Sim(setup, calibration).run()

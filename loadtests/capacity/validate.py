@@ -1,0 +1,200 @@
+"""The model against this machine: every cell of a sweep, and the bench's coalescing.
+
+A sweep cell (loadtests/sweep/) is R replicas x W workers behind haproxy, POOL_MIN 1,
+POOL_MAX P, coalescing off, Locust's saturate.py with 4 users per pooled connection (at
+most 400), and N PgBouncers (each connection to one at random) with default_pool_size
+6, or PostgreSQL direct with max_connections 30. The model runs the same cell on 2
+shared cores with the calibration's costs and says whether it agrees: connections
+exactly (client, PgBouncer server, PostgreSQL backends), req/s and p99 within 25%. The
+bench's requests per statement (GET /items/{id} as deployed at each wrk concurrency,
+one replica of 2 workers with pools of 4) are reproduced the same way, and printed
+beside the measured.
+
+Locust and haproxy are not in the bench: their CPU per request was measured once here,
+on a 1-replica stack under saturate.py (/proc CPU of the Locust process and of haproxy
+over the requests Locust made, 32 and 96 users, 15 s each, startup subtracted).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from loadtests.capacity.model import Mix, Outcome, Setup, simulate
+from service.calibration import Calibration
+
+LOCUST_MS = 0.24  # Locust (FastHttpUser) per request, one process
+HAPROXY_MS = 0.075
+WRK_THREADS = 2  # the bench's wrk: its cost is spread over its threads
+BROWSE = Mix(read=0.8, list=0.2)  # browse.py's tasks: 4 reads by id, 1 page
+TOLERANCE = 0.25
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sweep cell: what was measured, what the model says, whether they agree."""
+
+    mode: str
+    workers: int
+    replicas: int
+    instances: int
+    measured: dict[str, float]
+    modelled: dict[str, float]
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("clients", "servers", "backends"):
+            if self.measured[name] != self.modelled[name]:
+                found.append(f"{name} {self.modelled[name]:g} != {self.measured[name]:g}")
+        for name in ("rps", "p99_ms"):
+            m, s = self.measured[name], self.modelled[name]
+            if m and abs(s - m) / m > TOLERANCE:
+                found.append(f"{name} {s:.0f} vs {m:.0f} ({(s - m) / m:+.0%})")
+        return found
+
+
+def cell_setup(
+    plan: dict[str, Any], cell: dict[str, Any], duration_ms: float, seed: int = 1
+) -> Setup:
+    """The model of one sweep cell."""
+    direct = cell["mode"] == "direct"
+    clients = cell["replicas"] * cell["workers"] * plan["pool_max"]
+    return Setup(
+        replicas=cell["replicas"],
+        workers=cell["workers"],
+        pool_min=1,
+        pool_max=plan["pool_max"],
+        mix=BROWSE,
+        users=min(400, plan["users_per_connection"] * clients),
+        coalesce_max=1,
+        via_pgbouncer=not direct,
+        instances=1 if direct else int(cell.get("pgbouncer_instances") or 1),
+        default_pool_size=plan["pgbouncer_pool_size"],
+        max_connections=cell["postgres_max_connections"],
+        shared_cores=2,
+        load_generator_ms=LOCUST_MS,
+        balancer_ms=HAPROXY_MS,
+        duration_ms=duration_ms,
+        warmup_ms=min(500.0, duration_ms / 4),
+        seed=seed,
+    )
+
+
+def measured(cell: dict[str, Any]) -> dict[str, float]:
+    """A sweep cell's figures under the names `modelled` gives the model's."""
+    return {
+        "clients": cell["measured_clients"],
+        "servers": cell["pgbouncer_servers"],
+        "backends": cell["postgres_backends"],
+        "rps": cell["requests_per_s"],
+        "p99_ms": cell["p99_ms"],
+    }
+
+
+def modelled(o: Outcome, direct: bool) -> dict[str, float]:
+    return {
+        "clients": o.client_connections,
+        "servers": 0 if direct else o.pgbouncer_servers,
+        "backends": o.postgres_backends,
+        "rps": round(o.rps),
+        "p99_ms": round(o.p99_ms, 1),
+    }
+
+
+def sweep_rows(
+    summary: dict[str, Any],
+    calibration: Calibration,
+    duration_ms: float = 3000.0,
+    only: set[tuple[str, int, int]] | None = None,
+) -> list[Row]:
+    """Each cell of a sweep's summary.json beside the model's run of it."""
+    plan = summary["plan"]
+    rows = []
+    for cell in summary["cells"]:
+        key = (cell["mode"], cell["workers"], cell["replicas"])
+        instances = 0 if cell["mode"] == "direct" else int(cell.get("pgbouncer_instances") or 1)
+        if only is not None and key not in only:
+            continue
+        outcome = simulate(cell_setup(plan, cell, duration_ms), calibration)
+        rows.append(
+            Row(
+                mode=cell["mode"],
+                workers=cell["workers"],
+                replicas=cell["replicas"],
+                instances=instances,
+                measured=measured(cell),
+                modelled=modelled(outcome, cell["mode"] == "direct"),
+            )
+        )
+    return rows
+
+
+def coalescing_rows(
+    calibration: Calibration, duration_ms: float = 2000.0, seeds: tuple[int, ...] = (1, 2, 3)
+) -> list[tuple[int, float, float]]:
+    """(wrk connections, measured, modelled requests per statement) for GET /items/{id}.
+
+    wrk's connections stay with the worker that accepted each, so how they split over
+    the workers matters: the modelled figure is the median over a few seeds' splits.
+    """
+    rows = []
+    for connections, measured in sorted(calibration.requests_per_statement.items()):
+        setup = Setup(
+            replicas=1,
+            workers=calibration.bench_workers,
+            pool_min=2,
+            pool_max=calibration.bench_pool,
+            mix=Mix(read=1.0),
+            users=connections,
+            pinned=True,
+            shared_cores=calibration.machine_cores,
+            load_generator_ms=calibration.load_generator_ms * WRK_THREADS,
+            duration_ms=duration_ms,
+            warmup_ms=duration_ms / 4,
+        )
+        ratios = [
+            simulate(replace(setup, seed=seed), calibration).requests_per_statement
+            for seed in seeds
+        ]
+        rows.append((connections, measured, round(statistics.median(ratios), 2)))
+    return rows
+
+
+def load_summary(path: Path) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads(path.read_text())
+    return summary
+
+
+def sweep_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| mode | W | R | PgBouncers | clients | PgBouncer servers | PostgreSQL backends |"
+        " req/s | p99 ms | agrees |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+
+        def both(name: str, fmt: str = "g", r: Row = r) -> str:
+            return f"{r.measured[name]:{fmt}} / {r.modelled[name]:{fmt}}"
+
+        verdict = "yes" if not r.problems else "no: " + "; ".join(r.problems)
+        lines.append(
+            f"| {r.mode} | {r.workers} | {r.replicas} | {r.instances or '-'} | {both('clients')} |"
+            f" {both('servers') if r.mode != 'direct' else '-'} | {both('backends')} |"
+            f" {both('rps', '.0f')} | {both('p99_ms', '.0f')} | {verdict} |"
+        )
+    return lines
+
+
+def coalescing_table(rows: list[tuple[int, float, float]]) -> list[str]:
+    lines = [
+        "| wrk connections | requests per statement, measured | modelled | within 25% |",
+        "|---|---|---|---|",
+    ]
+    for connections, measured, model in rows:
+        ok = abs(model - measured) / measured <= TOLERANCE
+        lines.append(f"| {connections} | {measured:.2f} | {model:.2f} | {'yes' if ok else 'no'} |")
+    return lines

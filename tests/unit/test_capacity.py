@@ -1,0 +1,97 @@
+"""The capacity model: a small validation against this machine's sweep, and fleets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from infra.localstack.config import REPO
+from loadtests.capacity.fleets import fleet_plan, naive_setup, planned_setup
+from loadtests.capacity.model import Mix, Setup, simulate
+from loadtests.capacity.validate import (
+    Row,
+    cell_setup,
+    coalescing_rows,
+    load_summary,
+    measured,
+    modelled,
+    sweep_rows,
+)
+from service.calibration import load
+
+CALIBRATION = load()
+# The sweep docs/capacity/ validated against: a 2-core machine with nothing else running.
+SWEEP = load_summary(REPO / "docs" / "capacity" / "sweep-2026-12-01.json")
+
+
+def test_the_model_reproduces_sweep_cells_through_pgbouncer() -> None:
+    """Connections exactly, req/s and p99 within 25%, for a small and a crowded cell."""
+    cells = {("pgbouncer", 1, 1), ("pgbouncer", 4, 2)}
+    rows = sweep_rows(SWEEP, CALIBRATION, duration_ms=3000, only=cells)
+    assert len(rows) == 2
+    for row in rows:
+        assert row.problems == [], (row.mode, row.workers, row.replicas, row.problems)
+
+
+def test_a_cell_the_model_gets_wrong_is_reported() -> None:
+    """The control: the sweep's cell against a PgBouncer with a smaller pool."""
+    cell = next(
+        c for c in SWEEP["cells"] if (c["mode"], c["workers"], c["replicas"]) == ("pgbouncer", 2, 2)
+    )
+    plan = {**SWEEP["plan"], "pgbouncer_pool_size": 4}
+    outcome = simulate(cell_setup(plan, cell, 1500), CALIBRATION)
+    row = Row(
+        "pgbouncer",
+        2,
+        2,
+        1,
+        measured=measured(cell),
+        modelled=modelled(outcome, direct=False),
+    )
+    assert "servers 4 != 6" in row.problems
+    assert "backends 6 != 8" in row.problems
+
+
+def test_the_model_reproduces_the_benchs_coalescing() -> None:
+    """Requests per statement at 16 and 64 wrk connections, within 25% of the bench's."""
+    few = replace(
+        CALIBRATION,
+        requests_per_statement={c: CALIBRATION.requests_per_statement[c] for c in (16, 64)},
+    )
+    for connections, bench, model in coalescing_rows(few, duration_ms=1500):
+        assert abs(model - bench) / bench <= 0.25, (connections, bench, model)
+
+
+def test_coalescing_appears_only_when_requests_queue() -> None:
+    base = Setup(
+        replicas=1,
+        workers=2,
+        pool_min=2,
+        pool_max=4,
+        mix=Mix(read=1.0),
+        users=64,
+        shared_cores=2,
+        duration_ms=800,
+        warmup_ms=200,
+    )
+    queued = simulate(base, CALIBRATION)
+    alone = simulate(replace(base, users=2), CALIBRATION)
+    off = simulate(replace(base, coalesce_max=1), CALIBRATION)
+    assert queued.requests_per_statement > 3
+    assert alone.requests_per_statement < 1.5
+    assert off.requests_per_statement == 1.0
+    assert queued.rps > off.rps  # fewer statements, less CPU per request
+
+
+def test_a_planned_fleet_stays_flat_on_postgres_and_a_naive_one_is_refused() -> None:
+    p = fleet_plan(10, CALIBRATION)
+    planned = simulate(replace(planned_setup(p), duration_ms=1200), CALIBRATION)
+    naive = simulate(replace(naive_setup(p), duration_ms=2600), CALIBRATION)
+    s = p.shape
+    assert planned.errors == {}
+    assert planned.client_connections >= s.replicas * s.workers * s.pool_min
+    assert planned.pgbouncer_servers <= s.instances * s.default_pool_size
+    assert planned.postgres_backends <= s.max_connections
+    # Naive: 10 x 2 x 10 connections wanted, PostgreSQL takes what it has and refuses the rest.
+    assert naive.client_connections == s.max_connections - 3 - 3
+    assert naive.refused > 0
+    assert naive.errors.get("503 pool timeout", 0) > 0
