@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     env_file = args.env_file if args.env_file.exists() else ENV_EXAMPLE
-    # As compose does: the shell's variables win over the file's.
-    env = {**read_env_file(env_file), **os.environ}
+    # As compose does: the shell's variables win over the file's. An empty one (make
+    # exports WORKERS and the rest empty when unset) counts as unset, as `${VAR:-x}` does.
+    env = {**read_env_file(env_file), **{k: v for k, v in os.environ.items() if v}}
     # Secrets do not change the arithmetic: stand-ins let an unfilled file be checked.
     env = {key: value or "unset-secret" for key, value in env.items()}
     try:
