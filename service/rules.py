@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import re
+from collections.abc import Mapping
 
 
 def timeout_problems(
@@ -50,3 +51,39 @@ def pool_mode_problems(ini: str, where: str) -> list[str]:
             if found and found[1] != "transaction":
                 problems.append(f"{where}: database {name} overrides pool_mode = {found[1]}")
     return problems
+
+
+# libpq's sslmodes that may leave a hop in plain text: `prefer` (libpq's default) and
+# `allow` fall back to it without a word.
+PLAINTEXT_SSLMODES = frozenset({"disable", "allow", "prefer"})
+
+
+def sslmode_in(conninfo: str) -> str | None:
+    """The sslmode a libpq URL, key=value string or exporter URI names, if any."""
+    found = re.search(r"\bsslmode\s*=\s*([A-Za-z-]+)", conninfo)
+    return found[1] if found else None
+
+
+def service_sslmode(env: Mapping[str, str], default: str) -> str:
+    """What a replica (or the migration) connects with: DATABASE_URL's sslmode, else
+    DB_SSLMODE, else the service's default (service/settings.py)."""
+    return sslmode_in(env.get("DATABASE_URL", "")) or env.get("DB_SSLMODE") or default
+
+
+def tls_problems(hops: Mapping[str, str | None]) -> list[str]:
+    """Every database hop encrypted: one at disable, allow or prefer (or unset, which
+    libpq reads as prefer) is refused, named. `hops` maps a hop to its sslmode
+    (PostgreSQL's side as `require` when `ssl = on` with hostssl-only rules)."""
+    return [
+        f"{hop}: sslmode {mode or 'unset (libpq falls back to prefer)'} can run this hop"
+        " in plain text; use verify-full (require for PgBouncer's clients)"
+        for hop, mode in hops.items()
+        if mode is None or mode.strip().lower() in PLAINTEXT_SSLMODES
+    ]
+
+
+def postgres_sslmode(env: Mapping[str, str]) -> str:
+    """PostgreSQL's side of its hops as an sslmode: `require` only with `ssl = on` and
+    hostssl-only network rules (infra/postgres/pg_hba.conf's POSTGRES_HBA_HOST)."""
+    encrypted = env.get("POSTGRES_SSL") == "on" and env.get("POSTGRES_HBA_HOST") == "hostssl"
+    return "require" if encrypted else "disable"

@@ -6,8 +6,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Self
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, PostgresDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# libpq's sslmode values; service/rules.py refuses the first three in a deployment.
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
 class Settings(BaseSettings):
@@ -25,6 +29,15 @@ class Settings(BaseSettings):
     database_url: PostgresDsn = Field(
         default=PostgresDsn("postgresql://app@127.0.0.1:6432/app"),
         description="libpq URL of PgBouncer (or PostgreSQL) for the application role.",
+    )
+    db_sslmode: SslMode = Field(
+        default="verify-full",
+        description="libpq sslmode, unless DATABASE_URL sets one (disable: only to measure TLS).",
+    )
+    db_sslrootcert: Path | None = Field(
+        default=None,
+        description="CA certificate the server's must chain to (libpq sslrootcert),"
+        " unless DATABASE_URL sets one.",
     )
 
     # Pool: small, per worker process.
@@ -152,8 +165,15 @@ class Settings(BaseSettings):
 
     @property
     def conninfo(self) -> str:
-        """The DSN as libpq reads it."""
-        return str(self.database_url)
+        """The DSN as libpq reads it, with the TLS settings the URL does not name itself."""
+        url = str(self.database_url)
+        named = conninfo_to_dict(url)
+        tls: dict[str, str] = {}
+        if "sslmode" not in named:
+            tls["sslmode"] = self.db_sslmode
+        if "sslrootcert" not in named and self.db_sslrootcert is not None:
+            tls["sslrootcert"] = str(self.db_sslrootcert)
+        return make_conninfo(url, **tls) if tls else url
 
 
 class DeploymentSettings(BaseSettings):

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.localstack import procs
+from infra.localstack import certs, procs
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
@@ -63,7 +63,8 @@ def databases(scratch: Path) -> Iterator[Databases]:
     # be taken by any client socket on a loaded machine before the server binds it, or
     # while a test has the server stopped.
     port = procs.free_port_block(2)
-    pg = Postgres(scratch / "postgres", port, max_connections=60)
+    tls, _ = certs.for_servers(scratch / "tls", app_role=APP)
+    pg = Postgres(scratch / "postgres", port, max_connections=60, tls=tls, app_role=APP)
     bouncer = PgBouncer(
         scratch / "pgbouncer",
         port + 1,
@@ -78,6 +79,7 @@ def databases(scratch: Path) -> Iterator[Databases]:
         max_db_connections=8,
         query_wait_timeout=2,
         server_login_retry=1,
+        tls=tls,
     )
     try:
         pg.init()

@@ -6,7 +6,8 @@ from it (API_MAX_REPLICAS replicas of WORKERS x POOL_MAX, PGBOUNCER_INSTANCES Pg
 their limits, PostgreSQL's) and checks it with service/budget.py, together with what must agree
 across services: the numbers PgBouncer and PostgreSQL run with are the ones every
 replica's start-up guard checks, haproxy has a slot for every replica the budget
-allows, and the PgBouncer config mounted is in transaction mode. Exit code 0 when all
+allows, the PgBouncer config mounted is in transaction mode, and no database hop is
+left at sslmode disable, allow or prefer. Exit code 0 when all
 holds, 1 when not. tests/integration/test_deploy.py runs the same checks.
 """
 
@@ -24,7 +25,15 @@ import yaml
 
 from service.budget import SHARED_LIMITS, Topology, check, environment_topology
 from service.budget import render as render_budget
-from service.rules import pool_mode_problems, timeout_problems
+from service.rules import (
+    pool_mode_problems,
+    postgres_sslmode,
+    service_sslmode,
+    sslmode_in,
+    timeout_problems,
+    tls_problems,
+)
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent.parent
 COMPOSE_FILE = REPO / "compose.yaml"
@@ -117,6 +126,36 @@ def _host_path(model: Mapping[str, Any], service: str, target: str) -> Path | No
     return None
 
 
+def tls_hops(model: Mapping[str, Any]) -> dict[str, str | None]:
+    """Every database hop of the compose model, with the sslmode it runs at."""
+    default = Settings.model_fields["db_sslmode"].default
+    bouncer = environment(model, "pgbouncer")
+    hops: dict[str, str | None] = {
+        "api -> pgbouncer": service_sslmode(environment(model, "api"), default),
+        "migrate -> postgres": service_sslmode(environment(model, "migrate"), default),
+        "pgbouncer clients (PGBOUNCER_CLIENT_TLS_SSLMODE)": bouncer.get(
+            "PGBOUNCER_CLIENT_TLS_SSLMODE"
+        ),
+        "pgbouncer -> postgres (PGBOUNCER_SERVER_TLS_SSLMODE)": bouncer.get(
+            "PGBOUNCER_SERVER_TLS_SSLMODE"
+        ),
+        "postgres (POSTGRES_SSL, POSTGRES_HBA_HOST)": postgres_sslmode(
+            environment(model, "postgres")
+        ),
+        "pgbouncer-exporter -> pgbouncer": environment(model, "pgbouncer-exporter").get(
+            "PGBOUNCER_SSLMODE"
+        ),
+        "postgres-exporter -> postgres": sslmode_in(
+            environment(model, "postgres-exporter").get("DATA_SOURCE_URI", "")
+        ),
+    }
+    sampler = environment(model, "locust-master") if "locust-master" in model["services"] else {}
+    for name in ("SAMPLER_PGBOUNCER_URL", "SAMPLER_POSTGRES_URL"):
+        if name in sampler:
+            hops[f"locust-master {name}"] = sslmode_in(sampler[name])
+    return hops
+
+
 def problems(model: Mapping[str, Any]) -> list[str]:
     """Everything in the compose model that breaks the budget or disagrees with itself."""
     found: list[str] = []
@@ -161,6 +200,7 @@ def problems(model: Mapping[str, Any]) -> list[str]:
         found.append("pgbouncer must mount infra/pgbouncer/pgbouncer.ini")
     else:
         found += pool_mode_problems(ini.read_text(), str(ini))
+    found += tls_problems(tls_hops(model))
     return found
 
 
@@ -174,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     env_file = args.env_file if args.env_file.exists() else ENV_EXAMPLE
-    # As compose does: the shell's variables win over the file's.
-    env = {**read_env_file(env_file), **os.environ}
+    # As compose does: the shell's variables win over the file's. An empty one (make
+    # exports WORKERS and the rest empty when unset) counts as unset, as `${VAR:-x}` does.
+    env = {**read_env_file(env_file), **{k: v for k, v in os.environ.items() if v}}
     # Secrets do not change the arithmetic: stand-ins let an unfilled file be checked.
     env = {key: value or "unset-secret" for key, value in env.items()}
     try:

@@ -29,6 +29,8 @@ ALTER ROLE :"app_user" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD :'app_
 SELECT format('CREATE DATABASE %I OWNER %I', :'app_database', :'app_user')
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'app_database') \gexec
 REVOKE ALL ON DATABASE :"app_database" FROM PUBLIC;
+-- The owner keeps CONNECT and its public schema, not new schemas or temp tables.
+REVOKE CREATE, TEMPORARY ON DATABASE :"app_database" FROM :"app_user";
 
 SELECT format('CREATE ROLE %I', :'exporter_user')
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'exporter_user') \gexec

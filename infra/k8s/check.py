@@ -15,7 +15,8 @@ drain the PodDisruptionBudget allows) goes through:
 It also checks what must agree: the numbers PgBouncer and PostgreSQL run with are the
 ones the API's start-up guard checks, PgBouncer runs infra/pgbouncer/pgbouncer.ini in
 transaction mode on a version whose SIGTERM drains (>= 1.23), and the API's pooled
-connections retire (POOL_MAX_LIFETIME) within PgBouncer's drain window. An overlay
+connections retire (POOL_MAX_LIFETIME) within PgBouncer's drain window, and no
+database hop is left at sslmode disable, allow or prefer. An overlay
 that states its target (capacity-target.env: TARGET_RPS, WRITE_RATIO, P99_MS,
 POSTGRES_CORES, MAX_CONNECTIONS) must also agree with the capacity planner's shape for
 it (service/planner.py): the HPA's maxReplicas, the PgBouncer replicas, the workers and
@@ -52,7 +53,14 @@ from service.budget import (
 from service.budget import render as render_budget
 from service.calibration import load as load_calibration
 from service.planner import NoShape, Target, plan
-from service.rules import pool_mode_problems, timeout_problems
+from service.rules import (
+    pool_mode_problems,
+    postgres_sslmode,
+    service_sslmode,
+    sslmode_in,
+    timeout_problems,
+    tls_problems,
+)
 from service.settings import Settings
 
 Manifest = dict[str, Any]
@@ -375,9 +383,46 @@ def timeout_order_problems(docs: list[Manifest]) -> list[str]:
     )
 
 
+def tls_hops(docs: list[Manifest]) -> dict[str, str | None]:
+    """Every database hop of a rendered overlay, with the sslmode it runs at."""
+    default = Settings.model_fields["db_sslmode"].default
+    api = find(docs, "Deployment", "api")
+    bouncer = find(docs, "Deployment", "pgbouncer")
+    pgbouncer = container_env(docs, bouncer, "pgbouncer")
+    exporter = container_env(docs, find(docs, "Deployment", "postgres-exporter"), "exporter")
+    hops: dict[str, str | None] = {
+        "api -> pgbouncer": service_sslmode(container_env(docs, api, "api"), default),
+        "wait-for-schema -> pgbouncer": service_sslmode(
+            container_env(docs, api, "wait-for-schema"), default
+        ),
+        "migrate -> postgres": service_sslmode(
+            container_env(docs, find(docs, "Job", "migrate"), "migrate"), default
+        ),
+        "pgbouncer clients (PGBOUNCER_CLIENT_TLS_SSLMODE)": pgbouncer.get(
+            "PGBOUNCER_CLIENT_TLS_SSLMODE"
+        ),
+        "pgbouncer -> postgres (PGBOUNCER_SERVER_TLS_SSLMODE)": pgbouncer.get(
+            "PGBOUNCER_SERVER_TLS_SSLMODE"
+        ),
+        "pgbouncer exporter -> pgbouncer": container_env(docs, bouncer, "exporter").get(
+            "PGBOUNCER_SSLMODE"
+        ),
+        "postgres-exporter -> postgres": sslmode_in(exporter.get("DATA_SOURCE_URI", "")),
+    }
+    if any(d["kind"] == "StatefulSet" and d["metadata"]["name"] == "postgres" for d in docs):
+        env = container_env(docs, find(docs, "StatefulSet", "postgres"), "postgres")
+        hops["postgres (POSTGRES_SSL, POSTGRES_HBA_HOST)"] = postgres_sslmode(env)
+    return hops
+
+
 def overlay_problems(docs: list[Manifest]) -> list[str]:
     """Every problem the checks above find in one rendered overlay."""
-    return budget_problems(docs) + pgbouncer_problems(docs) + timeout_order_problems(docs)
+    return (
+        budget_problems(docs)
+        + pgbouncer_problems(docs)
+        + timeout_order_problems(docs)
+        + tls_problems(tls_hops(docs))
+    )
 
 
 def capacity_target(overlay: Path) -> Target | None:

@@ -48,6 +48,11 @@ class StackSettings(DeploymentSettings):
         default=9256, description="The process exporter (PgBouncer CPU per instance)."
     )
 
+    db_tls: bool = Field(
+        default=True,
+        description="TLS on every database hop (false: plain TCP, only to measure its cost).",
+    )
+
     pgbouncer_server_login_retry: int = Field(
         default=1, ge=1, description="Seconds before retrying a failed server login."
     )

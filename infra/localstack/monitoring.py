@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from infra.localstack import procs
+from infra.localstack.certs import TlsFiles
 from infra.localstack.config import REPO
 from infra.localstack.render import INFRA, render, write_private
 
@@ -91,6 +92,7 @@ class PgBouncerExporter(Daemon):
     pgbouncers: dict[str, int] = field(default_factory=dict)  # instance name -> port
     stats_user: str = ""
     stats_password: str = ""
+    tls: TlsFiles | None = None
 
     @property
     def config(self) -> Path:
@@ -112,6 +114,8 @@ class PgBouncerExporter(Daemon):
                         "PGBOUNCER_HOST": "127.0.0.1",
                         "PGBOUNCER_PORT": port,
                         "PGBOUNCER_NAME": name,
+                        "PGBOUNCER_SSLMODE": "verify-full" if self.tls else "disable",
+                        "TLS_DIR": self.tls.directory if self.tls else "",
                     },
                 )
             )

@@ -6,11 +6,13 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 from psycopg.rows import dict_row
 
 from infra.localstack import procs
+from infra.localstack.certs import TlsFiles
 from infra.localstack.render import render, write_private
 
 ADMIN_USER = "pgbouncer_admin"  # the console's admin: PAUSE, RELOAD, SHUTDOWN
@@ -41,6 +43,7 @@ class PgBouncer:
     query_wait_timeout: int = 5
     server_login_retry: int = 1
     name: str = "pgbouncer-1"
+    tls: TlsFiles | None = None  # None: plain TCP, only to measure what TLS costs
 
     @property
     def ini(self) -> Path:
@@ -75,6 +78,9 @@ class PgBouncer:
             "PGBOUNCER_MAX_DB_CONNECTIONS": self.max_db_connections,
             "PGBOUNCER_QUERY_WAIT_TIMEOUT": self.query_wait_timeout,
             "PGBOUNCER_SERVER_LOGIN_RETRY": self.server_login_retry,
+            "PGBOUNCER_CLIENT_TLS_SSLMODE": "require" if self.tls else "disable",
+            "PGBOUNCER_SERVER_TLS_SSLMODE": "verify-full" if self.tls else "disable",
+            "TLS_DIR": self.tls.directory if self.tls else "",
         }
 
     def write_config(self) -> None:
@@ -115,8 +121,16 @@ class PgBouncer:
     def admin_conninfo(self) -> str:
         return (
             f"host=127.0.0.1 port={self.port} dbname=pgbouncer user={ADMIN_USER}"
-            f" password={self.admin_password} connect_timeout=3"
+            f" password={self.admin_password} connect_timeout=3{self.tls_params()}"
         )
+
+    def tls_params(self) -> str:
+        """Conninfo parameters a client needs to reach this PgBouncer (empty without TLS)."""
+        return "".join(f" {key}={value}" for key, value in self.client_tls().items())
+
+    def client_tls(self) -> dict[str, str]:
+        """libpq's TLS parameters toward this PgBouncer (sslmode=disable without TLS)."""
+        return self.tls.libpq() if self.tls else {"sslmode": "disable"}
 
     def admin(self, command: str) -> list[dict[str, Any]]:
         """Run one admin console command (`SHOW POOLS`, `RELOAD`, ...) and return its rows.
@@ -133,4 +147,5 @@ class PgBouncer:
 
     def app_conninfo(self, user: str) -> str:
         """libpq URL for `user` through PgBouncer."""
-        return f"postgresql://{user}:{self.users[user]}@127.0.0.1:{self.port}/{self.database}"
+        url = f"postgresql://{user}:{self.users[user]}@127.0.0.1:{self.port}/{self.database}"
+        return f"{url}?{urlencode(self.client_tls())}"

@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from infra.localstack import procs
+from infra.localstack.certs import TlsFiles
 from infra.localstack.render import render, write_private
 
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -28,6 +29,11 @@ class Postgres:
     port: int
     max_connections: int = 100
     superuser_reserved: int = 3
+    tls: TlsFiles | None = None  # None: plain TCP, only to measure what TLS costs
+    app_role: str = "app"  # admitted over the network only with PgBouncer's client cert
+    # False: plain TCP admitted beside TLS, and no client certificate asked (the
+    # benchmark's TLS-off PgBouncer shares this server). Never in a deployment.
+    tls_only: bool = True
 
     @property
     def data(self) -> Path:
@@ -77,10 +83,18 @@ class Postgres:
                 "POSTGRES_MAX_CONNECTIONS": self.max_connections,
                 "POSTGRES_SUPERUSER_RESERVED": self.superuser_reserved,
                 "POSTGRES_SOCKET_DIR": self.socket_dir,
+                "POSTGRES_SSL": "on" if self.tls else "off",
+                "TLS_DIR": self.tls.directory if self.tls else "",
             },
         )
+        tls_only = self.tls is not None and self.tls_only
+        hba = {
+            "APP_USER": self.app_role,
+            "POSTGRES_HBA_HOST": "hostssl" if tls_only else "host",
+            "POSTGRES_HBA_APP_OPTIONS": "clientcert=verify-full" if tls_only else "",
+        }
         write_private(self.data / "pgscale.conf", conf)
-        write_private(self.data / "pg_hba.conf", render("postgres/pg_hba.conf", {}))
+        write_private(self.data / "pg_hba.conf", render("postgres/pg_hba.conf", hba))
         procs.hand_to_service_user(self.data / "pgscale.conf", self.data / "pg_hba.conf")
         main_conf = self.data / "postgresql.conf"
         if "include 'pgscale.conf'" not in main_conf.read_text():
@@ -110,6 +124,11 @@ class Postgres:
         except psycopg.OperationalError:
             return False
 
+    def reload(self) -> None:
+        """Re-read the configuration, pg_hba.conf and the TLS files (SIGHUP)."""
+        with psycopg.connect(self.superuser_conninfo(), autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+
     def stop(self, mode: signal.Signals = FAST, timeout: float = 30.0) -> bool:
         return procs.stop_recorded(self.pid_file, mode, timeout)
 
@@ -136,7 +155,8 @@ class Postgres:
             )
 
     def ensure_database(self, name: str, owner: str) -> None:
-        """A database owned by `owner`, so the application role owns what it creates."""
+        """A database owned by `owner`, so the application role owns what it creates
+        in its public schema, and nothing it could create beside that."""
         with psycopg.connect(self.superuser_conninfo(), autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
                 conn.execute(
@@ -146,6 +166,12 @@ class Postgres:
                 )
             conn.execute(
                 sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
+            )
+            # The owner keeps CONNECT and its public schema, not new schemas or temp tables.
+            conn.execute(
+                sql.SQL("REVOKE CREATE, TEMPORARY ON DATABASE {} FROM {}").format(
+                    sql.Identifier(name), sql.Identifier(owner)
+                )
             )
 
     def client_backends(self) -> int:

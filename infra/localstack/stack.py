@@ -7,10 +7,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import psycopg
 
-from infra.localstack import procs
+from infra.localstack import certs, procs
+from infra.localstack.certs import TlsFiles
 from infra.localstack.config import REPO, StackSettings
 from infra.localstack.haproxy import Haproxy
 from infra.localstack.monitoring import (
@@ -46,6 +48,11 @@ class Stack:
     def secrets(self) -> Path:
         return self.root / "secrets"
 
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The certificates under secrets/ (made by `up`), or None with DB_TLS=false."""
+        return TlsFiles(self.secrets) if self.settings.db_tls else None
+
     def postgres(self) -> Postgres:
         s = self.settings
         return Postgres(
@@ -53,6 +60,8 @@ class Stack:
             s.postgres_port,
             max_connections=s.postgres_max_connections,
             superuser_reserved=s.postgres_superuser_reserved,
+            tls=self.tls,
+            app_role=APP_ROLE,
         )
 
     def pgbouncer(self, index: int = 1) -> PgBouncer:
@@ -73,6 +82,7 @@ class Stack:
             query_wait_timeout=s.pgbouncer_query_wait_timeout,
             server_login_retry=s.pgbouncer_server_login_retry,
             name=f"pgbouncer-{index}",
+            tls=self.tls,
         )
 
     def pgbouncers(self) -> list[PgBouncer]:
@@ -100,7 +110,7 @@ class Stack:
         hosts = ",".join(f"127.0.0.1:{bouncer.port}" for bouncer in bouncers)
         return (
             f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}@{hosts}/{APP_DATABASE}"
-            "?load_balance_hosts=random"
+            f"?load_balance_hosts=random&{urlencode(self.client_tls())}"
         )
 
     def haproxy(self) -> Haproxy:
@@ -116,6 +126,7 @@ class Stack:
             pgbouncers={bouncer.name: bouncer.port for bouncer in self.pgbouncers()},
             stats_user=STATS_USER,
             stats_password=password(self.secrets, STATS_USER),
+            tls=self.tls,
         )
 
     def process_exporter(self) -> ProcessExporter:
@@ -131,7 +142,7 @@ class Stack:
         s = self.settings
         dsn = (
             f"postgresql://{EXPORTER_ROLE}:{password(self.secrets, EXPORTER_ROLE)}"
-            f"@127.0.0.1:{s.postgres_port}/postgres?sslmode=disable"
+            f"@127.0.0.1:{s.postgres_port}/postgres?{urlencode(self.client_tls())}"
         )
         return PostgresExporter(
             "postgres-exporter",
@@ -175,17 +186,31 @@ class Stack:
         """The service settings every replica gets: the environment's, pointed at PgBouncer
         (or straight at PostgreSQL with VIA_PGBOUNCER=false, to show what PgBouncer saves).
 
+        TLS goes in the URL (so it is a working conninfo on its own) and as DB_SSLMODE and
+        DB_SSLROOTCERT; direct, the URL carries PgBouncer's client certificate too.
         Validated here, before anything starts, so a bad value stops `make up` early.
         """
         url = self.pgbouncer_url() if self.settings.via_pgbouncer else self.direct_url()
-        return Settings(database_url=url)
+        tls = self.client_tls()
+        return Settings(
+            database_url=url,
+            db_sslmode=tls["sslmode"],
+            db_sslrootcert=tls.get("sslrootcert"),
+        )
 
     def direct_url(self) -> str:
-        """The application role straight to PostgreSQL (migrations, direct mode)."""
+        """The application role straight to PostgreSQL (migrations, direct mode), with
+        PgBouncer's client certificate: pg_hba.conf admits the role with nothing less."""
         return (
             f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}"
             f"@127.0.0.1:{self.settings.postgres_port}/{APP_DATABASE}"
+            f"?{urlencode(self.client_tls(client_cert=True))}"
         )
+
+    def client_tls(self, *, client_cert: bool = False) -> dict[str, str]:
+        """libpq's TLS parameters for this stack's servers (sslmode=disable without TLS)."""
+        tls = self.tls
+        return tls.libpq(client_cert=client_cert) if tls else {"sslmode": "disable"}
 
     def service_env(self) -> dict[str, str]:
         """Every service and deployment setting as an environment variable.
@@ -199,7 +224,7 @@ class Stack:
         service = {
             name.upper(): str(value)
             for name, value in self.service_settings().model_dump(mode="json").items()
-            if name not in per_replica
+            if name not in per_replica and value is not None
         }
         # REPLICAS stays out: scaling must not restart the replicas that stay (their
         # guard reads the declared count from the environment `make up` runs in).
@@ -262,6 +287,7 @@ class Stack:
         self._check_ports()
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_reachable_by_service_user()
+        self._ensure_certificates()
 
         pg = self.postgres()
         say(f"PostgreSQL   127.0.0.1:{pg.port}")
@@ -359,6 +385,14 @@ class Stack:
                 f"PostgreSQL runs as {user!r}, which cannot enter {self.root}; "
                 "set STACK_DIR to a directory it can reach (e.g. /tmp/pgscale-stack)"
             )
+
+    def _ensure_certificates(self) -> None:
+        """The CA and server certificates, made once (and again before they expire)."""
+        if self.tls is None:
+            say("TLS          off (DB_TLS=false)")
+            return
+        files, made = certs.for_servers(self.secrets, app_role=APP_ROLE)
+        say(f"TLS          {'new certificates' if made else 'certificates'} in {files.directory}")
 
     def _migrate(self, pg: Postgres) -> None:
         """Schema and seed data, straight to PostgreSQL, once, before any replica starts."""

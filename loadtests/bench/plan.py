@@ -32,6 +32,7 @@ class Config(Enum):
     """What a run measures: a replica configuration, or one of the ceilings beside them."""
 
     POOLED = "pooled"
+    PLAIN = "plain"  # pooled, TLS off on both hops (its own PgBouncer)
     NOMETRICS = "nometrics"
     NOTIMING = "notiming"
     SINGLE = "single"
@@ -56,6 +57,7 @@ class Config(Enum):
 
 LABELS = {
     Config.POOLED: "pooled (as deployed)",
+    Config.PLAIN: "pooled, TLS off",
     Config.NOMETRICS: "pooled, metrics off",
     Config.NOTIMING: "pooled, Server-Timing off",
     Config.SINGLE: "pooled, coalescing off",
@@ -71,6 +73,7 @@ LABELS = {
 # The replica configurations, one replica each: settings on top of the common ones.
 REPLICA_SETTINGS: dict[Config, dict[str, str]] = {
     Config.POOLED: {},
+    Config.PLAIN: {},  # the rig points it at the PgBouncer without TLS
     Config.NOMETRICS: {"METRICS_ENABLED": "false"},
     Config.NOTIMING: {"SERVER_TIMING": "false"},
     Config.SINGLE: {"COALESCE_MAX": "1"},
@@ -100,12 +103,14 @@ class RunKey:
 
 # Each round runs these in this order: the pairs a target compares are back to back.
 PLAN = [
+    RunKey(Config.PLAIN, Endpoint.GET_ITEM),
     RunKey(Config.POOLED, Endpoint.GET_ITEM),
     RunKey(Config.FRAMEWORK, Endpoint.HEALTHZ),
     RunKey(Config.NOMETRICS, Endpoint.GET_ITEM),
     RunKey(Config.NOTIMING, Endpoint.GET_ITEM),
     RunKey(Config.SINGLE, Endpoint.GET_ITEM),
     RunKey(Config.TWO_BOUNCERS, Endpoint.GET_ITEM),
+    RunKey(Config.PLAIN, Endpoint.POST_VISIT),
     RunKey(Config.POOLED, Endpoint.POST_VISIT),
     RunKey(Config.SINGLE, Endpoint.POST_VISIT),
     RunKey(Config.NAIVE, Endpoint.GET_ITEM),
@@ -149,6 +154,8 @@ class Pair(Enum):
     ITEM_TIMING = "GET /items/{id} Server-Timing on vs off"
     ITEM_COALESCING = "GET /items/{id} coalescing on vs off"
     VISIT_COALESCING = "POST /visits coalescing on vs off"
+    ITEM_TLS = "GET /items/{id} TLS on vs off"
+    VISIT_TLS = "POST /visits TLS on vs off"
     ITEM_TWO_BOUNCERS = "GET /items/{id} coalescing off, 2 PgBouncers vs 1"
     PGBENCH_TWO_BOUNCERS = "pgbench SELECT, 2 PgBouncers vs 1"
 
@@ -178,6 +185,14 @@ PAIRS = {
     Pair.VISIT_COALESCING: (
         RunKey(Config.POOLED, Endpoint.POST_VISIT),
         RunKey(Config.SINGLE, Endpoint.POST_VISIT),
+    ),
+    Pair.ITEM_TLS: (
+        RunKey(Config.POOLED, Endpoint.GET_ITEM),
+        RunKey(Config.PLAIN, Endpoint.GET_ITEM),
+    ),
+    Pair.VISIT_TLS: (
+        RunKey(Config.POOLED, Endpoint.POST_VISIT),
+        RunKey(Config.PLAIN, Endpoint.POST_VISIT),
     ),
     Pair.ITEM_TWO_BOUNCERS: (
         RunKey(Config.TWO_BOUNCERS, Endpoint.GET_ITEM),

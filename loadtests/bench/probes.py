@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +27,7 @@ class CPUMeter:
 
     TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, bouncer_pid_files: list[Path], postgres_pid_file: Path) -> None:
+    def __init__(self, bouncer_pid_files: Sequence[Path], postgres_pid_file: Path) -> None:
         self.bouncer_pid_files = bouncer_pid_files
         self.postgres_pid_file = postgres_pid_file
 

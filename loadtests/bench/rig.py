@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
-from infra.localstack import procs
+from infra.localstack import certs, procs
 from infra.localstack.config import REPO
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
@@ -51,7 +52,8 @@ class Rig:
     scratch: Path
     password: str
     postgres: Postgres
-    bouncers: list[PgBouncer]  # the first serves every configuration; both, two-bouncers
+    bouncers: list[PgBouncer]  # TLS; the first serves every configuration; both, two-bouncers
+    plain_bouncer: PgBouncer  # no TLS on either side: what TLS costs
     replicas: dict[Config, Replica]
     footprints: dict[Config, Footprint]
     lua: dict[Endpoint, Path]
@@ -70,10 +72,13 @@ class Rig:
     def two_bouncers_url(self) -> str:
         """Through either PgBouncer, picked at random per connection (as make up does)."""
         hosts = ",".join(f"127.0.0.1:{b.port}" for b in self.bouncers)
-        return f"postgresql://{APP}:{self.password}@{hosts}/{APP}?load_balance_hosts=random"
+        tls = urlencode(self.bouncer.client_tls())
+        return f"postgresql://{APP}:{self.password}@{hosts}/{APP}?load_balance_hosts=random&{tls}"
 
     def meter(self) -> CPUMeter:
-        return CPUMeter([b.pid_file for b in self.bouncers], self.postgres.pid_file)
+        """Every PgBouncer counts: only the ones a run goes through are busy."""
+        pid_files = [b.pid_file for b in (*self.bouncers, self.plain_bouncer)]
+        return CPUMeter(pid_files, self.postgres.pid_file)
 
 
 @contextmanager
@@ -84,55 +89,67 @@ def rig() -> Iterator[Rig]:
     """
     scratch = Path(tempfile.mkdtemp(prefix="pgscale-bench-"))
     scratch.chmod(0o755)
-    # PostgreSQL, two PgBouncers, then each configuration's replica port and metrics port.
-    base = procs.free_port_block(3 + 2 * len(REPLICA_SETTINGS))
-    metrics_base = base + 2 + len(REPLICA_SETTINGS)
+    # PostgreSQL, two PgBouncers with TLS and one without, then each configuration's
+    # replica port and metrics port.
+    base = procs.free_port_block(4 + 2 * len(REPLICA_SETTINGS))
+    ports = base + 3  # replica i: ports + i; its metrics: metrics_base + i
+    metrics_base = ports + len(REPLICA_SETTINGS)
     password = secrets.token_urlsafe(16)
     admin_password = secrets.token_urlsafe(16)
-    pg = Postgres(scratch / "postgres", base, max_connections=100)
-    bouncers = [
-        PgBouncer(
-            scratch / "pgbouncer",
-            base + index,
+    tls, _ = certs.for_servers(scratch / "tls", app_role=APP)
+    # TLS as deployed, but plain TCP admitted too, for the TLS-off PgBouncer beside.
+    pg = Postgres(scratch / "postgres", base, max_connections=100, tls=tls, tls_only=False)
+
+    def bouncer(root: str, port: int, name: str, files: certs.TlsFiles | None) -> PgBouncer:
+        return PgBouncer(
+            scratch / root,
+            port,
             pg.port,
             APP,
             users={APP: password},
             admin_password=admin_password,
             default_pool_size=20,
-            name=f"pgbouncer-{index}",
+            name=name,
+            tls=files,
         )
-        for index in (1, 2)
-    ]
+
+    bouncers = [bouncer("pgbouncer", base + i, f"pgbouncer-{i}", tls) for i in (1, 2)]
+    plain = bouncer("pgbouncer-plain", base + 3, "pgbouncer-plain", None)
     lua, sql = write_scripts(scratch)
-    started = Rig(scratch, password, pg, bouncers, {}, {}, lua, sql)
-    urls = {Config.TWO_BOUNCERS: started.two_bouncers_url}
+    started = Rig(scratch, password, pg, bouncers, plain, {}, {}, lua, sql)
+    urls = {
+        Config.TWO_BOUNCERS: started.two_bouncers_url,
+        Config.PLAIN: plain.app_conninfo(APP),
+    }
     try:
-        direct_url = start_databases(pg, bouncers, password)
+        direct_url = start_databases(pg, [*bouncers, plain], password)
         urls[Config.DIRECT] = direct_url
         for i, config in enumerate(REPLICA_SETTINGS, start=1):
             url = urls.get(config, started.pooled_url)
             env = {**COMMON, "DATABASE_URL": url, **REPLICA_SETTINGS[config]}
-            replica = Replica(scratch / "replicas", i, base + 2 + i, metrics_base + i, env)
+            replica = Replica(scratch / "replicas", i, ports + i, metrics_base + i, env)
             started.replicas[config] = replica
             started.footprints[config] = start_replica(config, replica)
         yield started
     finally:
         for replica in started.replicas.values():
             replica.stop()
-        for bouncer in bouncers:
-            bouncer.stop()
+        for each in (*bouncers, plain):
+            each.stop()
         pg.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def start_databases(pg: Postgres, bouncers: list[PgBouncer], password: str) -> str:
     """PostgreSQL with the application's role, database and seeded schema, then the
-    PgBouncers in front of it; returns the direct URL."""
+    PgBouncers in front of it; returns the direct URL (TLS, with the client pair)."""
     pg.init()
     pg.start()
     pg.ensure_role(APP, password)
     pg.ensure_database(APP, APP)
     direct_url = f"postgresql://{APP}:{password}@127.0.0.1:{pg.port}/{APP}"
+    if pg.tls:
+        direct_url += f"?{urlencode(pg.tls.libpq(client_cert=True))}"
     subprocess.run(
         [sys.executable, "-m", "service.migrate", "--seed", str(SEED_ITEMS)],
         env={**os.environ, "DATABASE_URL": direct_url},

@@ -71,6 +71,11 @@ def run_driver(url: str, duration: int) -> Result:
     )
 
 
+def libpq_env(params: dict[str, str]) -> dict[str, str]:
+    """libpq parameters as the environment variables libpq reads (PGSSLMODE, ...)."""
+    return {f"PG{name.upper()}": value for name, value in params.items()}
+
+
 def run_pgbench(
     bouncers: list[PgBouncer],
     password: str,
@@ -112,7 +117,7 @@ def run_pgbench(
                 APP,
                 APP,
             ],
-            env={**os.environ, "PGPASSWORD": password},
+            env={**os.environ, "PGPASSWORD": password, **libpq_env(bouncer.client_tls())},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

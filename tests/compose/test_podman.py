@@ -15,6 +15,7 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ import pytest
 from infra.docker import compose
 from infra.docker.podman import Compose
 from infra.localstack import procs
+from infra.localstack.certs import TlsFiles
 from loadtests.common.poll import Poll
 from service.budget import check, environment_topology
 from tests.faults.ledger import Ledger, audit
@@ -52,9 +54,23 @@ class Stack:
         return str(next(iter(nets.values()))["IPAddress"])
 
     def postgres(self, user: str, password: str, dbname: str) -> str:
+        """Over TLS, the chain verified against the project's CA (verify-ca: the host
+        dials an address the certificate does not name); the application role also with
+        PgBouncer's client pair, the only way pg_hba.conf lets that role in."""
+        tls = TlsFiles(self.tls_dir()).libpq(client_cert=user == "app")
+        params = " ".join(f"{k}={v}" for k, v in {**tls, "sslmode": "verify-ca"}.items())
         return (
-            f"host={self.ip('postgres')} port=5432 dbname={dbname} user={user} password={password}"
+            f"host={self.ip('postgres')} port=5432 dbname={dbname} user={user}"
+            f" password={password} {params}"
         )
+
+    def tls_dir(self) -> Path:
+        """The certs service's volume, seen from the host."""
+        volume = f"{self.compose.project}_tls"
+        out = subprocess.run(
+            ["podman", "volume", "inspect", volume], capture_output=True, text=True, check=True
+        ).stdout
+        return Path(json.loads(out)[0]["Mountpoint"])
 
     def bouncer_admin(self, command: str) -> list[dict[str, Any]]:
         """One command on PgBouncer's console, as the stats user the exporter uses."""

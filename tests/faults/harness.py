@@ -112,6 +112,9 @@ class FaultStack(Stack):
         if self.settings.pgbouncer_instances > 1:
             url = self.pgbouncer_url()
         known = {k: v for k, v in self.tuning.service().items() if k in Settings.model_fields}
+        # TLS through the proxy as without it: the proxy only forwards bytes.
+        tls = self.client_tls()
+        known |= {"db_sslmode": tls["sslmode"], "db_sslrootcert": tls.get("sslrootcert")}
         return Settings(database_url=url, **known)  # type: ignore[arg-type]
 
     def unknown_to_service(self) -> dict[str, str]:

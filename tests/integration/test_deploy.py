@@ -44,6 +44,7 @@ DOCKER = INFRA / "docker"
 RENDER_CONFIG = DOCKER / "render-config"
 K8S_VERSION = "1.32.0"  # the image's kubectl
 CRD_KINDS = {"PodMonitor", "PrometheusRule"}  # no schema in kubernetes-validate
+CERT_MANAGER_KINDS = {"Certificate", "Issuer"}  # nor for these (components/cert-manager)
 PROMETHEUS_YML = INFRA / "prometheus" / "prometheus.yml"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -131,6 +132,12 @@ def test_render_config_refuses_an_unset_placeholder(tmp_path: Path) -> None:
 def test_render_config_concatenates_templates_then_execs(tmp_path: Path) -> None:
     """pg_hba.conf in containers is infra's rules plus the network line, then the program."""
     out = tmp_path / "run" / "pg_hba.conf"
+    hba = {
+        "POSTGRES_CLIENT_NETWORK": "samenet",
+        "APP_USER": "app",
+        "POSTGRES_HBA_HOST": "hostssl",
+        "POSTGRES_HBA_APP_OPTIONS": "clientcert=verify-full",
+    }
     result = run(
         "sh",
         RENDER_CONFIG,
@@ -141,13 +148,14 @@ def test_render_config_concatenates_templates_then_execs(tmp_path: Path) -> None
         "--",
         "cat",
         out,
-        env={"PATH": os.environ["PATH"], "POSTGRES_CLIENT_NETWORK": "samenet"},
+        env={"PATH": os.environ["PATH"], **hba},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (INFRA / "postgres" / "pg_hba.conf").read_text() + render(
-        "docker/pg_hba-network.conf", {"POSTGRES_CLIENT_NETWORK": "samenet"}
+    assert result.stdout == render("postgres/pg_hba.conf", hba) + render(
+        "docker/pg_hba-network.conf", hba
     )
-    assert "host    all       all   samenet  scram-sha-256" in result.stdout
+    assert "hostssl  all  all          samenet  scram-sha-256" in result.stdout
+    assert "hostssl  all  app  samenet  scram-sha-256  clientcert=verify-full" in result.stdout
 
 
 # ---- the API image ---------------------------------------------------------------------
@@ -339,6 +347,31 @@ def test_compose_check_fails_on_a_wrong_pool_mode(tmp_path: Path, compose_model:
     assert any("pool_mode = session" in p for p in compose.problems(model))
 
 
+@pytest.mark.parametrize(
+    ("service", "variable", "weak"),
+    [
+        ("api", "DB_SSLMODE", "prefer"),
+        ("api", "DATABASE_URL", "postgresql://app@pgbouncer:6432/app?sslmode=disable"),
+        ("migrate", "DATABASE_URL", "postgresql://app@postgres:5432/app?sslmode=allow"),
+        ("pgbouncer", "PGBOUNCER_CLIENT_TLS_SSLMODE", "allow"),
+        ("pgbouncer", "PGBOUNCER_SERVER_TLS_SSLMODE", "prefer"),
+        ("postgres", "POSTGRES_SSL", "off"),
+        ("postgres", "POSTGRES_HBA_HOST", "host"),
+        ("pgbouncer-exporter", "PGBOUNCER_SSLMODE", "disable"),
+        ("postgres-exporter", "DATA_SOURCE_URI", "postgres:5432/postgres?sslmode=disable"),
+        ("locust-master", "SAMPLER_PGBOUNCER_URL", "host=pgbouncer dbname=pgbouncer"),
+    ],
+)
+def test_compose_check_fails_on_a_hop_left_in_plain_text(
+    compose_model: Any, service: str, variable: str, weak: str
+) -> None:
+    model = copy.deepcopy(compose_model)
+    model["services"][service]["environment"][variable] = weak
+    [problem] = compose.problems(model)
+    assert "can run this hop in plain text" in problem
+    assert service in problem
+
+
 def test_compose_api_is_scalable_and_gated(compose_model: Any) -> None:
     services = compose_model["services"]
     assert not any("container_name" in service for service in services.values())
@@ -353,10 +386,14 @@ def test_compose_api_is_scalable_and_gated(compose_model: Any) -> None:
     assert compose.environment(compose_model, "api")["DATABASE_URL"].endswith(
         "@pgbouncer:6432/app?load_balance_hosts=random"
     )
-    # Migrations go straight to PostgreSQL: they set the role's statement_timeout.
-    assert compose.environment(compose_model, "migrate")["DATABASE_URL"].endswith(
-        "@postgres:5432/app"
-    )
+    # Migrations go straight to PostgreSQL (they set the role's statement_timeout), with
+    # the client pair pg_hba.conf asks of the application role there.
+    migrate_url = compose.environment(compose_model, "migrate")["DATABASE_URL"]
+    assert "@postgres:5432/app?sslcert=" in migrate_url
+    assert services["migrate"]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert services["postgres"]["depends_on"]["certs"] == {
+        "condition": "service_completed_successfully"
+    }
     for name in ("locust-master", "locust-worker"):
         assert services[name]["profiles"] == ["loadtest"]
 
@@ -555,6 +592,9 @@ def test_postgres_init_creates_the_roles_the_local_stack_creates(databases: Data
             dbname="deploy_db",
         ) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("deploy_app",)
+            # Its own public schema only: no schema or temporary table beside it.
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE SCHEMA intruder")
     finally:
         with psycopg.connect(pg.superuser_conninfo(), autocommit=True) as conn:
             conn.execute("DROP DATABASE IF EXISTS deploy_db")
@@ -631,6 +671,9 @@ def test_overlay_objects_are_valid_kubernetes(docs: list[Manifest]) -> None:
             assert doc["apiVersion"] == "monitoring.coreos.com/v1"
             crds.add(doc["kind"])
             continue
+        if doc["kind"] in CERT_MANAGER_KINDS:
+            assert doc["apiVersion"] == "cert-manager.io/v1"
+            continue
         kv.validate(doc, K8S_VERSION, strict=True)
     assert crds == CRD_KINDS
 
@@ -645,6 +688,39 @@ def test_validation_rejects_a_misspelt_field(docs: list[Manifest]) -> None:
 
 def test_overlay_passes_the_budget_and_pgbouncer_checks(docs: list[Manifest]) -> None:
     assert k8s.overlay_problems(docs) == []
+
+
+def test_k8s_check_fails_on_a_hop_left_in_plain_text(docs: list[Manifest]) -> None:
+    tls = next(d for d in docs if d["metadata"]["name"].startswith("pgscale-tls"))
+    tls["data"]["PGBOUNCER_SERVER_TLS_SSLMODE"] = "prefer"
+    exporter = next(d for d in docs if d["metadata"]["name"].startswith("postgres-exporter"))
+    exporter["data"]["DATA_SOURCE_URI"] = "postgres:5432/postgres?sslmode=disable"
+    found = k8s.overlay_problems(docs)
+    assert [p.split(":")[0] for p in found] == [
+        "pgbouncer -> postgres (PGBOUNCER_SERVER_TLS_SSLMODE)",
+        "postgres-exporter -> postgres",
+    ], found
+
+
+def test_k8s_tls_secrets_are_the_ones_cert_manager_makes(docs: list[Manifest]) -> None:
+    """Every Secret a pod mounts for TLS is one a Certificate writes (dev), or one the
+    operator creates (prod, which has no Certificates)."""
+    mounted = {
+        source["secret"]["name"]
+        for _, template in pod_templates(docs)
+        for volume in template["spec"].get("volumes", [])
+        for source in volume.get("projected", {}).get("sources", [])
+        if "secret" in source
+    } | {
+        volume["secret"]["secretName"]
+        for _, template in pod_templates(docs)
+        for volume in template["spec"].get("volumes", [])
+        if "secret" in volume
+    }
+    assert {"pgscale-tls-pgbouncer", "pgscale-tls-pgbouncer-client"} <= mounted
+    written = {d["spec"]["secretName"] for d in docs if d["kind"] == "Certificate"}
+    if written:
+        assert mounted <= written | {"pgscale-db"}, mounted - written
 
 
 def test_budget_check_fails_when_max_replicas_exceeds_the_budget(docs: list[Manifest]) -> None:
@@ -950,7 +1026,8 @@ def test_pods_meet_the_restricted_pod_security_standard(docs: list[Manifest]) ->
         assert not pod.get("hostPID"), name
         assert pod.get("automountServiceAccountToken") is False, name
         for volume in pod.get("volumes", []):
-            assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret"}, name
+            # The volume types the restricted standard allows that these pods use.
+            assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret", "projected"}, name
         for item in pod["containers"] + pod.get("initContainers", []):
             security = item["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, (name, item["name"])

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from infra.localstack import procs
+from infra.localstack.certs import TlsFiles
 from infra.localstack.config import REPO, private_settings
 from infra.localstack.pgbouncer import PgBouncer
 
@@ -115,7 +116,8 @@ def clients_by_instance(env: dict[str, str], instances: int) -> dict[str, int]:
     counts = {}
     for index in range(1, instances + 1):
         port = int(env["PGBOUNCER_PORT"]) + index - 1
-        bouncer = PgBouncer(root / "pgbouncer", port, 0, "app", admin_password=admin)
+        tls = TlsFiles(root / "secrets")  # the stack's, made by `make up`
+        bouncer = PgBouncer(root / "pgbouncer", port, 0, "app", admin_password=admin, tls=tls)
         clients = bouncer.admin("SHOW CLIENTS")
         counts[f"pgbouncer-{index}"] = sum(1 for c in clients if c["database"] == "app")
     return counts

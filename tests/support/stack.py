@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -43,7 +44,10 @@ class Databases:
 
     @property
     def direct_url(self) -> str:
-        return f"postgresql://{APP}:{APP_PASSWORD}@127.0.0.1:{self.postgres.port}/{APP}"
+        """The application role straight to PostgreSQL, with PgBouncer's client pair."""
+        base = f"postgresql://{APP}:{APP_PASSWORD}@127.0.0.1:{self.postgres.port}/{APP}"
+        tls = self.postgres.tls
+        return f"{base}?{urlencode(tls.libpq(client_cert=True))}" if tls else base
 
     def extra_bouncer(self, name: str, **options: Any) -> PgBouncer:
         """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it."""
@@ -54,6 +58,7 @@ class Databases:
             APP,
             users={APP: APP_PASSWORD},
             admin_password=ADMIN_PASSWORD,
+            tls=self.bouncer.tls,
             **options,
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.rules import pool_mode_problems, timeout_problems
+from service.rules import pool_mode_problems, service_sslmode, timeout_problems, tls_problems
 
 
 def test_query_wait_must_end_before_the_deadline() -> None:
@@ -27,3 +27,18 @@ def test_only_transaction_pooling_passes() -> None:
     assert pool_mode_problems(override, "ini") == [
         "ini: database app overrides pool_mode = session"
     ]
+
+
+def test_tls_refuses_every_hop_that_can_fall_back_to_plain_text() -> None:
+    hops = {m: m for m in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")}
+    found = tls_problems({**hops, "unset": None})
+    assert [p.split(":")[0] for p in found] == ["disable", "allow", "prefer", "unset"]
+    assert "libpq falls back to prefer" in found[-1]
+
+
+def test_the_service_sslmode_is_the_urls_then_the_settings() -> None:
+    url = "postgresql://app@h:1/app?sslmode=require"
+    assert service_sslmode({"DATABASE_URL": url, "DB_SSLMODE": "disable"}, "x") == "require"
+    assert service_sslmode({"DATABASE_URL": "host=h sslmode=disable"}, "x") == "disable"
+    assert service_sslmode({"DB_SSLMODE": "prefer"}, "verify-full") == "prefer"
+    assert service_sslmode({}, "verify-full") == "verify-full"
