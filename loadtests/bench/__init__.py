@@ -32,7 +32,7 @@ that compare two runs (GET /items/{id} against the framework ceiling, POST again
 metrics on against off, Server-Timing on against off) are taken within each round,
 from runs made back to back, and the report gives the median of those per-round ratios.
 
-    .venv/bin/python -m loadtests.bench [--rounds 3] [--duration 8] [--connections 64]
+    .venv/bin/python -m loadtests.bench [--rounds 4] [--duration 8] [--connections 64]
 
 `make bench` runs it and writes reports/bench/latest.json and latest.md.
 """

@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.bench", description=loadtests.bench.__doc__
     )
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS") or 3))
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS") or 4))
     parser.add_argument("--duration", type=int, default=int(os.environ.get("BENCH_DURATION") or 8))
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument(

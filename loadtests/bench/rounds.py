@@ -21,7 +21,7 @@ def run_rounds(rig: Rig, options: Options) -> dict[RunKey, list[Result]]:
     raw: dict[RunKey, list[Result]] = collections.defaultdict(list)
     meter = rig.meter()
     for round_ in range(1, options.rounds + 1):
-        for key, connections in options.http_runs():
+        for key, connections in options.http_runs(round_):
             result = http_run(rig, meter, key, connections, options.duration)
             result.round = round_
             raw[key].append(result)
