@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,21 @@ class PgBouncer:
         """libpq URL for `user` through PgBouncer."""
         url = f"postgresql://{user}:{self.users[user]}@127.0.0.1:{self.port}/{self.database}"
         return f"{url}?{urlencode(self.client_tls())}"
+
+
+def app_url(bouncers: Sequence[PgBouncer], user: str) -> str:
+    """libpq URL for `user` through every one of `bouncers` (they share users and TLS).
+
+    With several, libpq (16+; psycopg's wheel ships 18) picks one at random for each new
+    connection and tries the next when one refuses: pools spread over the instances,
+    move to the survivors when one dies, and a cancel request goes to the instance that
+    runs the statement (PgBouncer 1.18 cannot forward it to a peer).
+    """
+    first = bouncers[0]
+    if len(bouncers) == 1:
+        return first.app_conninfo(user)
+    hosts = ",".join(f"127.0.0.1:{bouncer.port}" for bouncer in bouncers)
+    return (
+        f"postgresql://{user}:{first.users[user]}@{hosts}/{first.database}"
+        f"?load_balance_hosts=random&{urlencode(first.client_tls())}"
+    )

@@ -21,7 +21,7 @@ from infra.localstack.monitoring import (
     ProcessExporter,
     Prometheus,
 )
-from infra.localstack.pgbouncer import SAFE_SHUTDOWN, STATS_USER, PgBouncer
+from infra.localstack.pgbouncer import SAFE_SHUTDOWN, STATS_USER, PgBouncer, app_url
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from infra.localstack.secrets import password
@@ -97,21 +97,8 @@ class Stack:
         )
 
     def pgbouncer_url(self) -> str:
-        """The application role through every instance.
-
-        With several, libpq (16+; psycopg's wheel ships 18) picks one at random for each
-        new connection and tries the next when one refuses: the pools spread over the
-        instances, move to the survivors when one dies, and a cancel request goes to the
-        instance that runs the statement (PgBouncer 1.18 cannot forward it to a peer).
-        """
-        bouncers = self.pgbouncers()
-        if len(bouncers) == 1:
-            return bouncers[0].app_conninfo(APP_ROLE)
-        hosts = ",".join(f"127.0.0.1:{bouncer.port}" for bouncer in bouncers)
-        return (
-            f"postgresql://{APP_ROLE}:{password(self.secrets, APP_ROLE)}@{hosts}/{APP_DATABASE}"
-            f"?load_balance_hosts=random&{urlencode(self.client_tls())}"
-        )
+        """The application role through every instance (see pgbouncer.app_url)."""
+        return app_url(self.pgbouncers(), APP_ROLE)
 
     def haproxy(self) -> Haproxy:
         return Haproxy(self.root / "haproxy", self.settings.lb_port)

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 from infra.localstack import certs, procs
 from infra.localstack.config import REPO
-from infra.localstack.pgbouncer import PgBouncer
+from infra.localstack.pgbouncer import PgBouncer, app_url
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
 from loadtests.bench.plan import APP, POOL, REPLICA_SETTINGS, SEED_ITEMS, WORKERS, Config, Endpoint
@@ -71,9 +71,7 @@ class Rig:
     @property
     def two_bouncers_url(self) -> str:
         """Through either PgBouncer, picked at random per connection (as make up does)."""
-        hosts = ",".join(f"127.0.0.1:{b.port}" for b in self.bouncers)
-        tls = urlencode(self.bouncer.client_tls())
-        return f"postgresql://{APP}:{self.password}@{hosts}/{APP}?load_balance_hosts=random&{tls}"
+        return app_url(self.bouncers, APP)
 
     def meter(self) -> CPUMeter:
         """Every PgBouncer counts: only the ones a run goes through are busy."""
