@@ -317,7 +317,14 @@ def pgbouncer_instance_killed(phase: Phase) -> None:
     )
     if moved:
         phase.note(f"pools on pgbouncer-1 alone {phase.since_fault():.2f} s after the kill")
-    time.sleep(2.0)  # the survivor carries the load alone (the recorder times it)
+    # The survivor carries the load alone: a streak of answered requests, then the restart.
+    alone_from = time.monotonic()
+
+    def carried() -> bool:
+        done = [a for a in phase.recorder.attempts() if a.started >= alone_from]
+        return sum(1 for a in done if a.source == "load" and a.ok) >= 50
+
+    phase.check("the survivor alone answers 50 requests", procs.wait_until(carried, 30.0, 0.05))
     harness.pgbouncer(2).start()
     phase.note(
         "pgbouncer-2 started again; pools reach it as they open new connections"
