@@ -17,11 +17,10 @@ import httpx
 import pytest
 
 from infra.localstack import procs
-from infra.localstack.config import private_settings
 from infra.localstack.stack import Stack
 from loadtests.common.prom import Scrape
 from tests.support.dashboards import DASHBOARDS, panels
-from tests.support.stack import Databases, StartService, metric_samples
+from tests.support.stack import Databases, StartService, metric_samples, running_stack
 
 pytestmark = pytest.mark.slow  # a whole stack under load, and gunicorn
 
@@ -31,24 +30,16 @@ RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape, 
 @pytest.fixture(scope="module")
 def live_stack(scratch: Path) -> Iterator[Stack]:
     # Two PgBouncers, so that every per-instance panel is proved with more than one.
-    settings, _ = private_settings(
+    with running_stack(
         scratch / "live-stack",
+        {"WORKERS": "2", "POOL_MIN": "1", "POOL_MAX": "3"},
         most_replicas=2,
         most_pgbouncers=2,
         replicas=2,
         pgbouncer_instances=2,
         seed_items=100,
-    )
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("WORKERS", "2")
-        env.setenv("POOL_MIN", "1")
-        env.setenv("POOL_MAX", "3")
-        stack = Stack(settings)
-        try:
-            stack.up()
-            yield stack
-        finally:
-            stack.down()
+    ) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

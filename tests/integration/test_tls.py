@@ -21,10 +21,10 @@ import pytest
 from cryptography import x509
 
 from infra.localstack import certs, procs
-from infra.localstack.config import private_settings
 from infra.localstack.pgbouncer import ADMIN_USER
 from infra.localstack.secrets import password
 from infra.localstack.stack import APP_DATABASE, APP_ROLE, EXPORTER_ROLE, Stack
+from tests.support.stack import running_stack
 
 pytestmark = pytest.mark.slow  # a whole stack
 
@@ -33,18 +33,14 @@ pytestmark = pytest.mark.slow  # a whole stack
 def stack(scratch: Path) -> Iterator[Stack]:
     # Two replicas, as deployed: one replica's readiness blip on a loaded machine must
     # not read as a refused request through the load balancer.
-    root = scratch / "tls-stack"
-    settings, _ = private_settings(root, most_replicas=2, replicas=2, seed_items=20)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("WORKERS", "1")
-        env.setenv("POOL_MIN", "1")
-        env.setenv("POOL_MAX", "2")
-        running = Stack(settings)
-        try:
-            running.up()
-            yield running
-        finally:
-            running.down()
+    with running_stack(
+        scratch / "tls-stack",
+        {"WORKERS": "1", "POOL_MIN": "1", "POOL_MAX": "2"},
+        most_replicas=2,
+        replicas=2,
+        seed_items=20,
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import pytest
 
 from infra.localstack import procs
-from infra.localstack.config import REPO
+from infra.localstack.config import REPO, private_settings
 from infra.localstack.pgbouncer import PgBouncer
 from infra.localstack.postgres import Postgres
 from infra.localstack.replicas import Replica
+from infra.localstack.stack import Stack
 from loadtests.common.prom import Scrape
 
 APP = "app"
@@ -116,3 +118,20 @@ def make_items(base_url: str, count: int) -> list[int]:
     """Items of the test's own: schemathesis deletes and renames seeded ones."""
     with httpx.Client(base_url=base_url, timeout=15) as http:
         return [http.post("/items", json={"name": f"own-{i}"}).json()["id"] for i in range(count)]
+
+
+@contextmanager
+def running_stack(root: Path, service: dict[str, str], **settings: Any) -> Iterator[Stack]:
+    """A whole private local stack in `root` on free ports (`settings` for
+    private_settings), its replicas started with the `service` variables set; stopped
+    on exit, pass or fail."""
+    stack_settings, _ = private_settings(root, **settings)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in service.items():
+            env.setenv(name, value)
+        stack = Stack(stack_settings)
+        try:
+            stack.up()
+            yield stack
+        finally:
+            stack.down()
