@@ -23,6 +23,13 @@ come; as soon as it succeeds, the keeper replaces the pool with a fresh one (new
 connections at once, no backoff, an empty waiting list) and closes the old one. If a
 fresh pool still cannot connect while the probe can, three times in a row, the worker
 exits and gunicorn starts a new one.
+
+A worker that starts while the path is down (a replica started before PgBouncer, or a
+worker gunicorn starts in place of one that exited mid-outage) starts not ready and
+recovers the same way: were it to fail its start, gunicorn's master would stop the
+whole replica ("Worker failed to boot"), for good. Only settings the database refuses
+(`refusal`: a wrong password, no such database, a certificate that does not verify)
+fail the worker's start, so a broken deployment shows at once.
 """
 
 from __future__ import annotations
@@ -48,6 +55,27 @@ logger = logging.getLogger("service.pool")
 CONNECT_TIMEOUT = 2  # seconds a new connection may take (libpq's smallest useful value)
 PROBE_TIMEOUT = 3.0  # seconds the keeper's probe may take, connect and SELECT 1
 GIVE_UP_AFTER = 3  # fresh pools in a row that cannot connect while the probe can
+
+# What libpq and the server say at login when these settings can never connect, as
+# opposed to a path that is down for now (connection refused, timed out, a name that
+# does not resolve yet, too many clients, the database starting up or shutting down).
+# Neither libpq nor PgBouncer gives a connection failure a SQLSTATE, so the words it is.
+REFUSALS = (
+    "authentication failed",  # password or SASL, from PostgreSQL and from PgBouncer
+    "no such user",  # PgBouncer
+    "no such database",  # PgBouncer
+    "does not exist",  # a role or database (PostgreSQL), a root certificate file (libpq)
+    "no pg_hba.conf entry",
+    "pg_hba.conf rejects",
+    "requires a valid client certificate",
+    "certificate verify failed",
+    "does not match host name",
+    "not permitted to log in",
+    "permission denied for database",
+    "server does not support ssl",
+    "invalid sslmode value",
+    "invalid connection option",
+)
 
 
 class Connection(AsyncConnection[DictRow]):
@@ -126,6 +154,18 @@ def connection_kwargs(settings: Settings, prepare_threshold: int | None) -> dict
         # A connect through a network that drops packets would otherwise wait for TCP.
         kwargs["connect_timeout"] = CONNECT_TIMEOUT
     return kwargs
+
+
+def refusal(error: BaseException) -> bool:
+    """Whether a failed connection says the settings are wrong, not the path down."""
+    if isinstance(error, psycopg.ProgrammingError):
+        return True  # a conninfo libpq cannot parse
+    message = str(error).lower()
+    return any(words in message for words in REFUSALS)
+
+
+class DatabaseRefused(RuntimeError):
+    """The database refuses this worker's settings: no retry can help, the start fails."""
 
 
 def pool_name(settings: Settings) -> str:
@@ -216,8 +256,31 @@ class PoolKeeper:
         self._failing = True  # psycopg_pool logs it itself (a warning of psycopg.pool)
 
     async def open(self) -> None:
-        """Open the first pool, waiting for POOL_MIN connections (a bad DSN fails fast)."""
-        await open_pool(self.pool, self.settings)
+        """Open the first pool, waiting up to POOL_OPEN_TIMEOUT for POOL_MIN connections.
+
+        If they do not come, the probe says why: settings the database refuses raise
+        DatabaseRefused (the worker fails its start); a path that is down leaves the
+        worker started but not ready, with a pool that keeps trying, and the keeper
+        takes it from there as after any outage (module docstring).
+        """
+        try:
+            await open_pool(self.pool, self.settings)
+        except PoolTimeout:
+            error = await self.probe_error()
+            if error is not None and refusal(error):
+                raise DatabaseRefused(
+                    f"pool {self.pool.name!r}: the database refuses these settings: {error}"
+                ) from None
+            self.pool = self._new_pool()  # the timed-out one closed itself
+            await self.pool.open(wait=False)
+            self._failing = True
+            self.down = error is not None
+            logger.warning(
+                "pool %r: no connection within POOL_OPEN_TIMEOUT (%s); started not ready, "
+                "recovering as soon as the database path is back",
+                self.pool.name,
+                error or "the probe connects: the pool is retried",
+            )
         self._connected_at = time.monotonic()
 
     async def close(self) -> None:
@@ -274,6 +337,10 @@ class PoolKeeper:
 
     async def probe(self) -> bool:
         """Whether a connection of our own, outside the pool, answers `SELECT 1` now."""
+        return await self.probe_error() is None
+
+    async def probe_error(self) -> Exception | None:
+        """Why a connection of our own, outside the pool, cannot answer `SELECT 1` now."""
         kwargs = connection_kwargs(self.settings, None)
         kwargs["application_name"] = f"{kwargs['application_name']}-probe"
         try:
@@ -285,8 +352,8 @@ class PoolKeeper:
                     await conn.close()
         except (psycopg.Error, OSError, TimeoutError) as exc:
             logger.debug("probe failed: %s", exc)
-            return False
-        return True
+            return exc if str(exc) else TimeoutError(f"no answer within {PROBE_TIMEOUT} s")
+        return None
 
     async def _replace(self) -> None:
         """The path is back but the pool has no connection: start over with a new pool."""

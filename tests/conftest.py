@@ -97,11 +97,13 @@ def databases(scratch: Path) -> Iterator[Databases]:
 
 @pytest.fixture(scope="session")
 def start_service(scratch: Path, databases: Databases) -> Iterator[StartService]:
-    """Start real gunicorn replicas (settings as keyword arguments); all stop at the end."""
+    """Start real gunicorn replicas (settings as keyword arguments); all stop at the end.
+
+    Each is waited for until ready, unless `ready=False` (it is to start not ready)."""
     started: list[Replica] = []
     counter = iter(range(1, 10_000))
 
-    def start(**settings: object) -> Replica:
+    def start(*, ready: bool = True, **settings: object) -> Replica:
         env = {
             "DATABASE_URL": databases.pooled_url,
             "WORKERS": "1",
@@ -116,7 +118,8 @@ def start_service(scratch: Path, databases: Databases) -> Iterator[StartService]
         replica = Replica(scratch / "replicas", next(counter), port, port + 1, env)
         started.append(replica)
         replica.start()
-        replica.wait_ready()
+        if ready:
+            replica.wait_ready()
         return replica
 
     try:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from infra.localstack import procs
-from tests.support.stack import Databases, StartService, make_items
+from tests.support.stack import APP, Databases, StartService, make_items
 
 
 @pytest.mark.slow
@@ -71,6 +71,21 @@ def test_a_replica_that_cannot_fit_the_budget_refuses_to_start(
         start_service(workers=4, pool_min=1, pool_max=300, replicas=1)
     assert "this replica cannot fit the connection budget" in str(refused.value)
     assert "max_client_conn" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_replica_whose_password_is_refused_fails_to_start(
+    start_service: StartService, databases: Databases
+) -> None:
+    """A setting no retry can mend stops the replica at once, with the database's reason
+    (a path that is down starts it not ready instead: tests/integration/test_recovery.py)."""
+    right = databases.bouncer.users[APP]
+    wrong = databases.pooled_url.replace(f":{right}@", ":not-the-password@")
+    assert wrong != databases.pooled_url
+    with pytest.raises(procs.StackError) as refused:
+        start_service(database_url=wrong, pool_min=1, pool_open_timeout=2)
+    assert "the database refuses these settings" in str(refused.value)
+    assert "authentication failed" in str(refused.value)
 
 
 @pytest.mark.slow

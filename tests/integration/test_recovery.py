@@ -10,6 +10,8 @@ back. Each waits on the workers' own metrics, never on a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -25,7 +27,7 @@ from loadtests.common.prom import Scrape
 from service.db import Database
 from service.pool import PoolKeeper
 from service.settings import Settings
-from tests.support.stack import APP, Databases, StartService, make_items
+from tests.support.stack import APP, Databases, StartService, make_items, stopped
 
 pytestmark = pytest.mark.slow  # gunicorn, and PgBouncer stopped until pools give up
 
@@ -78,6 +80,14 @@ def every_worker(
     )
 
 
+def workers_reporting(replica: Replica, name: str) -> dict[str, float]:
+    """`per_worker`, or nothing while the replica's metrics port does not answer yet."""
+    try:
+        return per_worker(replica, name)
+    except httpx.HTTPError:
+        return {}
+
+
 def serving(replica: Replica) -> bool:
     """Every worker's pool holds an idle connection, and no probe finds the path down
     (both from one reading of the replica's metrics)."""
@@ -127,6 +137,63 @@ def test_repeated_outages_heal_each_time(replica: Replica, own_bouncer: PgBounce
     ids = make_items(replica.url, 5)
     with httpx.Client(base_url=replica.url, timeout=10) as http:
         assert [http.get(f"/items/{i}").status_code for i in ids] == [200] * 5
+
+
+def test_a_worker_started_during_an_outage_starts_not_ready(
+    replica: Replica, own_bouncer: PgBouncer
+) -> None:
+    """A worker that exits mid-outage is replaced, and the replacement must start: were
+    its start to fail, gunicorn's master would stop the whole replica for good."""
+    with health_checks(replica.url):
+        own_bouncer.stop(timeout=30)
+        assert procs.wait_until(lambda: every_worker(replica, "pgscale_pool_database_down"), 30)
+        victim = min(per_worker(replica, "pgscale_pool_connections"))
+        os.kill(int(victim), signal.SIGKILL)  # a pid the replica's own metrics gave
+
+        def replaced_and_down() -> bool:
+            down = workers_reporting(replica, "pgscale_pool_database_down")
+            return len(down) == WORKERS and victim not in down and all(down.values())
+
+        # The replacement waits POOL_OPEN_TIMEOUT (10 s) for its pool, then starts down.
+        assert procs.wait_until(replaced_and_down, 60), workers_reporting(
+            replica, "pgscale_pool_database_down"
+        )
+        assert procs.http_status(f"{replica.url}/readyz") == 503
+        own_bouncer.start()
+        assert procs.wait_until(lambda: serving(replica), RECOVERED_WITHIN)
+    assert replica.running()
+    assert "Worker failed to boot" not in replica.log.read_text()
+    ids = make_items(replica.url, 5)
+    with httpx.Client(base_url=replica.url, timeout=10) as http:
+        assert [http.get(f"/items/{i}").status_code for i in ids * 2] == [200] * 10
+
+
+def test_a_replica_started_before_its_pgbouncer_serves_once_it_is_up(
+    start_service: StartService, own_bouncer: PgBouncer
+) -> None:
+    """Started with PgBouncer down: up but not ready, then ready with the same workers."""
+    with stopped(own_bouncer):
+        late = start_service(
+            ready=False,
+            database_url=own_bouncer.app_conninfo(APP),
+            workers=WORKERS,
+            pool_min=1,
+            pool_open_timeout=2,
+        )
+
+        def started_down() -> bool:
+            down = workers_reporting(late, "pgscale_pool_database_down")
+            return len(down) == WORKERS and all(down.values())
+
+        assert procs.wait_until(started_down, 60), procs.tail(late.log)
+        assert procs.http_status(f"{late.url}/readyz") == 503
+        assert procs.http_status(f"{late.url}/healthz") == 200
+        pids = set(per_worker(late, "pgscale_pool_connections"))
+    assert procs.wait_until(lambda: serving(late), RECOVERED_WITHIN), procs.tail(late.log)
+    assert set(per_worker(late, "pgscale_pool_connections")) == pids
+    assert "started not ready" in late.log.read_text()
+    (item,) = make_items(late.url, 1)
+    assert httpx.get(f"{late.url}/items/{item}", timeout=10).status_code == 200
 
 
 def _settings(bouncer: PgBouncer) -> Settings:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import pytest
 from psycopg_pool import PoolTimeout
 
 from service import pool as pool_module
-from service.pool import GIVE_UP_AFTER, PoolKeeper
+from service.pool import GIVE_UP_AFTER, DatabaseRefused, PoolKeeper, refusal
 from service.settings import Settings
 
 SETTINGS = Settings(database_url="postgresql://app@127.0.0.1:1/app", pool_min=1, pool_max=2)
@@ -64,3 +65,81 @@ def test_fresh_pools_that_cannot_connect_while_the_probe_can_exit_the_worker(
     asyncio.run(ticks())
     assert gave == ["exit"]  # once, after GIVE_UP_AFTER fresh pools in a row
     assert keeper.replacements == 0
+
+
+# What libpq 18, PgBouncer 1.18 and PostgreSQL 15 said here, connecting with each fault.
+REFUSED = [
+    'connection to server at "127.0.0.1", port 6432 failed: FATAL:  SASL authentication failed',
+    'connection to server at "127.0.0.1", port 5432 failed: FATAL:  password authentication'
+    ' failed for user "app"',
+    'connection to server at "127.0.0.1", port 6432 failed: FATAL:  no such database: nodb',
+    'connection to server at "127.0.0.1", port 5432 failed: FATAL:  database "nodb" does not exist',
+    'connection to server at "127.0.0.1", port 6432 failed: SSL error: certificate verify failed',
+    'connection to server at "127.0.0.1", port 5432 failed: FATAL:  connection requires a valid'
+    " client certificate",
+    'connection to server at "127.0.0.1", port 6432 failed: root certificate file "/nonexist" does'
+    " not exist",
+    'connection is bad: invalid sslmode value: "wat"',
+]
+DOWN = [
+    'connection to server at "127.0.0.1", port 1 failed: Connection refused\n\tIs the server'
+    " running on that host and accepting TCP/IP connections?",
+    "failed to resolve host 'pgbouncer': [Errno -2] Name or service not known",
+    'connection to server at "127.0.0.1", port 6432 failed: timeout expired',
+    'connection to server at "127.0.0.1", port 5432 failed: FATAL:  the database system is'
+    " starting up",
+    'connection to server at "127.0.0.1", port 5432 failed: FATAL:  sorry, too many clients'
+    " already",
+    'connection to server at "127.0.0.1", port 6432 failed: FATAL:  no more connections allowed'
+    " (max_client_conn)",
+    'connection to server at "127.0.0.1", port 6432 failed: server closed the connection'
+    " unexpectedly",
+]
+
+
+@pytest.mark.parametrize("message", REFUSED)
+def test_settings_the_database_refuses_are_told_from_a_path_that_is_down(message: str) -> None:
+    assert refusal(psycopg.OperationalError(f"connection failed: {message}"))
+
+
+@pytest.mark.parametrize("message", DOWN)
+def test_a_path_that_is_down_is_no_refusal(message: str) -> None:
+    assert not refusal(psycopg.OperationalError(f"connection failed: {message}"))
+
+
+def test_a_conninfo_libpq_cannot_parse_is_a_refusal() -> None:
+    assert refusal(psycopg.ProgrammingError('invalid connection option "bogus"'))
+
+
+def test_a_worker_started_while_the_path_is_down_starts_not_ready() -> None:
+    """Nothing listens on port 1: the open times out, the keeper starts down, no error."""
+    settings = Settings(database_url=SETTINGS.database_url, pool_min=1, pool_open_timeout=0.5)
+
+    async def start() -> tuple[bool, bool]:
+        keeper = PoolKeeper(settings, None)
+        try:
+            await keeper.open()
+            return keeper.down, keeper.pool.closed
+        finally:
+            await keeper.close()
+
+    assert asyncio.run(start()) == (True, False)  # down, with a pool that keeps trying
+
+
+def test_a_worker_whose_settings_are_refused_fails_its_start() -> None:
+    settings = Settings(database_url=SETTINGS.database_url, pool_min=1, pool_open_timeout=0.5)
+    keeper = PoolKeeper(settings, None)
+
+    async def refused() -> Exception:
+        return psycopg.OperationalError("connection failed: FATAL:  SASL authentication failed")
+
+    keeper.probe_error = refused  # type: ignore[method-assign]
+
+    async def start() -> None:
+        try:
+            await keeper.open()
+        finally:
+            await keeper.close()
+
+    with pytest.raises(DatabaseRefused, match=r"refuses these settings: .*SASL authentication"):
+        asyncio.run(start())

@@ -39,8 +39,9 @@ def test_bad_settings_are_refused(overrides: dict[str, object], message: str) ->
         Settings(**overrides)  # type: ignore[arg-type]
 
 
-def test_bad_dsn_fails_the_worker_fast() -> None:
-    """A pool that cannot connect fails its open within POOL_OPEN_TIMEOUT."""
+def test_a_pool_that_cannot_connect_fails_its_open_in_time() -> None:
+    """A pool that cannot connect fails its open within POOL_OPEN_TIMEOUT (the keeper
+    then asks its probe why: service/pool.py)."""
     import asyncio
     import time
 
