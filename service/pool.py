@@ -362,6 +362,11 @@ class PoolKeeper:
             await open_pool(new, self.settings)
         except PoolTimeout:
             await new.close()
+            if not await self.probe():
+                # The path went down again since the probe: an outage, not a stuck worker.
+                self.down = True
+                logger.warning("pool %r: the database path went down again", old.name)
+                return
             self._fresh_pools_failed += 1
             logger.error(
                 "pool %r: a fresh pool got no connection although the probe did (%d in a row)",

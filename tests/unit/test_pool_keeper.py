@@ -67,6 +67,36 @@ def test_fresh_pools_that_cannot_connect_while_the_probe_can_exit_the_worker(
     assert keeper.replacements == 0
 
 
+def test_a_fresh_pool_lost_to_the_path_going_down_again_is_no_stuck_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outages in quick succession: the probe passes, the fresh pool fails, and a second
+    probe finds the path down again. That is an outage, and counts for no exit."""
+    gave: list[str] = []
+    keeper = PoolKeeper(SETTINGS, None, on_stuck=lambda: gave.append("exit"))
+    answers = iter([True, False] * GIVE_UP_AFTER)
+
+    async def probe() -> bool:
+        return next(answers)
+
+    async def no_connection(pool: object, settings: Settings) -> None:
+        raise PoolTimeout("no connection")
+
+    keeper.probe = probe  # type: ignore[method-assign]
+    monkeypatch.setattr(pool_module, "open_pool", no_connection)
+
+    async def ticks() -> list[bool]:
+        down = []
+        for _ in range(GIVE_UP_AFTER):
+            keeper.checkout_failed()
+            await keeper.tick()
+            down.append(keeper.down)
+        return down
+
+    assert asyncio.run(ticks()) == [True] * GIVE_UP_AFTER
+    assert gave == []
+
+
 # What libpq 18, PgBouncer 1.18 and PostgreSQL 15 said here, connecting with each fault.
 REFUSED = [
     'connection to server at "127.0.0.1", port 6432 failed: FATAL:  SASL authentication failed',
