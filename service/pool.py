@@ -263,6 +263,7 @@ class PoolKeeper:
         worker started but not ready, with a pool that keeps trying, and the keeper
         takes it from there as after any outage (module docstring).
         """
+        started = time.monotonic()
         try:
             await open_pool(self.pool, self.settings)
         except PoolTimeout:
@@ -281,6 +282,8 @@ class PoolKeeper:
                 self.pool.name,
                 error or "the probe connects: the pool is retried",
             )
+            self._connected_at = started  # without a connection since the start began
+            return
         self._connected_at = time.monotonic()
 
     async def close(self) -> None:
