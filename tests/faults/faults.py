@@ -842,6 +842,47 @@ def worker_killed(phase: Phase) -> None:
     phase.note(f"metrics series replaced {phase.since_fault():.2f} s after the kill")
 
 
+def worker_killed_during_outage(phase: Phase) -> None:
+    """PgBouncer killed, then one worker of replica 2 SIGKILLed while it is down: the
+    replacement starts in the outage (its pool cannot open) and must start not ready,
+    or gunicorn's master stops the whole replica ("Worker failed to boot")."""
+    h = phase.harness
+
+    def down_by_pid() -> dict[int, float | None]:
+        return {pid: g.get("pgscale_pool_database_down") for pid, g in h.pool_gauges(2).items()}
+
+    def replica_down(expected: int) -> bool:
+        down = down_by_pid()
+        return len(down) == expected and all(value == 1 for value in down.values())
+
+    workers = h.worker_pids(2)
+    master = h.replica_pid(2)
+    phase.fault()
+    h.signal_pgbouncer(signal.SIGKILL)
+    down = procs.wait_until(lambda: replica_down(len(workers)), 30, interval=0.1)
+    phase.check("replica-2's workers find the path down", down, f"down by pid {down_by_pid()}")
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    phase.note(f"worker {victim} SIGKILLed {phase.since_fault():.2f} s into the outage")
+
+    def replaced_down() -> bool:
+        now = h.worker_pids(2)
+        return victim not in now and len(now) == len(workers) and replica_down(len(workers))
+
+    # The replacement waits POOL_OPEN_TIMEOUT for its pool before it starts, down.
+    opening = h.stack.service_settings().pool_open_timeout
+    replaced = procs.wait_until(replaced_down, opening + 30, interval=0.1)
+    phase.check(
+        "the replacement starts during the outage, not ready",
+        replaced,
+        f"workers {sorted(h.worker_pids(2))}, down by pid {down_by_pid()}",
+    )
+    phase.note(f"replacement started down {phase.since_fault():.2f} s after the kill")
+    h.start_pgbouncer()
+    phase.cleared()
+    phase.check("replica-2 still runs (its master)", procs.alive(master))
+
+
 # ---- the catalogue -----------------------------------------------------------------------
 
 
@@ -943,6 +984,14 @@ def catalogue() -> list[Fault]:
             worker_killed,
             # The request the worker held dies with it: haproxy answers 502 or, on a
             # reused connection, closes the client's; a write is retried with its key.
+            allowed_errors=frozenset({"503", "503(lb)", "502(lb)", "RemoteProtocolError"}),
+        ),
+        Fault(
+            "worker-sigkill-during-outage",
+            "PgBouncer killed, then one worker of replica 2 SIGKILLed while it is down;"
+            " PgBouncer started once the replacement is up.",
+            worker_killed_during_outage,
+            # The killed worker's requests die with it (as in worker-sigkill).
             allowed_errors=frozenset({"503", "503(lb)", "502(lb)", "RemoteProtocolError"}),
         ),
         # On a stack of its own, after the others: two PgBouncers, no proxy.

@@ -100,10 +100,11 @@ def run_suite(
                         break
                     rows.append(row)
                     verdict = "ok" if row.ok else "FAILED: " + "; ".join(row.failures())
+                    recovery = "none" if row.recovery is None else f"{row.recovery:.2f}"
                     say(
                         f"      {row.requests} requests, errors {row.errors or '-'},"
                         f" {row.acknowledged} acked, lost {row.lost}, dup {row.duplicated},"
-                        f" max {row.max_latency:.2f} s, recovery {row.recovery} s: {verdict}"
+                        f" max {row.max_latency:.2f} s, recovery {recovery} s: {verdict}"
                     )
             finally:
                 if logs_to is not None:
