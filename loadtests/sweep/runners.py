@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from infra.localstack import procs
 from infra.localstack.config import REPO, StackSettings, private_settings
 from infra.localstack.stack import Stack
 from loadtests.common.poll import Poll
@@ -75,6 +76,31 @@ def run_locust(stack: Stack, users: int, duration: int, prefix: Path) -> str:
     return result.stdout + result.stderr
 
 
+def fresh_server_connections(stack: Stack, timeout: float = 30.0) -> None:
+    """Close every server connection the PgBouncers hold before a cell's load.
+
+    PgBouncer keeps an idle server connection for server_idle_timeout (60 s), and the
+    stack is reshaped in place between cells, so a small cell would otherwise count
+    connections an earlier, larger one opened. RECONNECT closes each as it is released
+    (idle ones at once); new ones open as the cell needs them (haproxy's health checks
+    open one or two before the load starts). Waits until none of the old is left.
+    """
+
+    def server_pids() -> set[tuple[int, str]]:
+        return {
+            (bouncer.port, str(row["remote_pid"]))
+            for bouncer in stack.pgbouncers()
+            for row in bouncer.admin("SHOW SERVERS")
+        }
+
+    old = server_pids()
+    for bouncer in stack.pgbouncers():
+        bouncer.admin("RECONNECT")
+    if not procs.wait_until(lambda: not old & server_pids(), timeout, interval=0.2):
+        left = sorted(old & server_pids())
+        raise procs.StackError(f"PgBouncer kept server connections after RECONNECT: {left}")
+
+
 def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path) -> Cell:
     os.environ.update(
         {
@@ -100,6 +126,8 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
     with log.open("a") as stack_log, contextlib.redirect_stdout(stack_log):
         print(f"\n=== {key.mode} W={key.workers} R={key.replicas} PgBouncers={key.instances}")
         stack.up(enforce_budget=False)
+    if key.mode is Mode.PGBOUNCER:
+        fresh_server_connections(stack)
     users = min(400, plan.users_per_connection * budget.clients_at_peak)
     prefix = out / key.prefix
     metrics_urls = [stack.replica(i).metrics_url for i in range(1, key.replicas + 1)]

@@ -32,17 +32,22 @@ def sweep(out: Path, *args: str) -> dict[str, Any]:
 
 
 def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: Path) -> None:
-    """Two PgBouncers: the clients split between them, each holds its own small pool."""
+    """Two PgBouncers: the clients split between them, each holds its own small pool.
+
+    The larger cell first: the smaller one must count only server connections of its own
+    (PgBouncer keeps idle ones 60 s; the sweep closes them between cells)."""
     out = scratch / "sweep-pooled"
     summary = sweep(
-        out, "--modes", "pgbouncer", "--workers", "1", "2", "--replicas", "1", "--instances", "2"
+        out, "--modes", "pgbouncer", "--workers", "2", "1", "--replicas", "1", "--instances", "2"
     )
     assert summary["exit_code"] == 0, summary["stdout"]
     cells = summary["cells"]
     assert [(c["workers"], c["replicas"], c["pgbouncer_instances"]) for c in cells] == [
-        (1, 1, 2),
         (2, 1, 2),
+        (1, 1, 2),
     ]
+    # Transaction pooling: never more server connections than clients using them.
+    assert cells[1]["pgbouncer_servers"] <= cells[1]["measured_clients"], cells[1]
     for cell in cells:
         assert cell["measured_clients"] == cell["predicted_clients"] == cell["workers"] * 4
         split = parse_counts(cell["clients_by_instance"])
