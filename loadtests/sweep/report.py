@@ -32,6 +32,27 @@ def write_report(plan: Plan, cells: list[Cell], out: Path) -> None:
     (out / "report.md").write_text(markdown(plan, cells, pngs))
 
 
+# Other work above this, in cores, and a cell's rates and latencies are not the stack's
+# alone on this machine (the connection counts still are). An idle stack: about 0.05.
+QUIET_CORES = 0.25
+
+
+def shared_note(cells: list[Cell]) -> str:
+    """Whether the machine was the stack's own while the sweep ran ("other load")."""
+    busiest = max(c.background_cores for c in cells)
+    shared = sum(c.background_cores > QUIET_CORES for c in cells)
+    if not shared:
+        return (
+            f"Other load: at most {busiest:.2f} cores busy with the stack at rest before a"
+            " cell: the machine was the stack's own."
+        )
+    return (
+        f"Other load: {shared} of {len(cells)} cells started with more than {QUIET_CORES}"
+        f" cores busy elsewhere (at most {busiest:.2f}): their req/s and latencies include"
+        " that work (the connection counts do not); compare them with a quiet run, not a model."
+    )
+
+
 def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
     lines = [
         "# Workers x replicas x PgBouncers sweep",
@@ -55,8 +76,9 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         "",
         "| mode | W | R | PgBouncers | predicted clients | measured clients | split |"
         " PgBouncer servers | PostgreSQL backends | req/s | p50 ms | p95 ms | p99 ms |"
-        " failures | shed 503 | pool waiters | refused connections | budget | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " failures | shed 503 | pool waiters | refused connections | other load (cores) |"
+        " budget | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         pooled = c.mode is Mode.PGBOUNCER
@@ -68,11 +90,11 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
             f" {c.pgbouncer_servers if pooled else '-'} |"
             f" {c.postgres_backends} | {c.requests_per_s:.0f} | {c.p50_ms:.0f} | {c.p95_ms:.0f} |"
             f" {c.p99_ms:.0f} | {c.failures} | {c.shed_503} | {c.pool_waiters} |"
-            f" {c.connection_errors} |"
+            f" {c.connection_errors} | {c.background_cores:.2f} |"
             f" {'fits' if c.budget_fits else 'over'} |"
             f" {'as predicted' if c.as_predicted else 'NOT as predicted'}: {c.verdict} |"
         )
     agree = sum(c.as_predicted for c in cells)
-    lines += ["", f"{agree} of {len(cells)} cells as predicted.", ""]
+    lines += ["", f"{agree} of {len(cells)} cells as predicted.", "", shared_note(cells), ""]
     lines += [f"![{name}]({name})" for name in pngs]
     return "\n".join(lines) + "\n"

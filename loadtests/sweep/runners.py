@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from infra.localstack import procs
 from infra.localstack.config import REPO, StackSettings, private_settings
@@ -101,6 +102,11 @@ def fresh_server_connections(stack: Stack, timeout: float = 30.0) -> None:
         raise procs.StackError(f"PgBouncer kept server connections after RECONNECT: {left}")
 
 
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores the whole machine kept busy over the next `seconds` (psutil, /proc/stat)."""
+    return psutil.cpu_percent(interval=seconds) / 100 * (psutil.cpu_count() or 1)
+
+
 def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path) -> Cell:
     os.environ.update(
         {
@@ -128,6 +134,7 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         stack.up(enforce_budget=False)
     if key.mode is Mode.PGBOUNCER:
         fresh_server_connections(stack)
+    background = busy_cores()  # the stack at rest: what else runs here
     users = min(400, plan.users_per_connection * budget.clients_at_peak)
     prefix = out / key.prefix
     metrics_urls = [stack.replica(i).metrics_url for i in range(1, key.replicas + 1)]
@@ -163,6 +170,7 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         shed_503=measured["shed"],
         pool_waiters=max((waiting for waiting, _ in pressure.readings), default=0),
         connection_errors=max((errors for _, errors in pressure.readings), default=0),
+        background_cores=round(background, 2),
         verdict="",
         as_predicted=False,
     )

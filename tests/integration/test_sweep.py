@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,11 @@ def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: P
         assert cell["pgbouncer_servers"] <= 2 * 6
         assert cell["as_predicted"], cell["verdict"]
         assert cell["requests"] > 0
+        assert 0 <= cell["background_cores"] <= (os.cpu_count() or 1)
     for name in ("report.md", "cells.csv", "client_connections.png", "server_connections.png"):
         assert (out / name).exists(), name
     assert "2 of 2 cells as predicted" in (out / "report.md").read_text()
+    assert "Other load:" in (out / "report.md").read_text()
 
 
 def test_direct_cell_over_budget_fails_as_predicted(scratch: Path) -> None:
