@@ -164,6 +164,19 @@ def coalescing_rows(
     return rows
 
 
+def sweep_calibration_of(sweep: Path, calibration: Path) -> Path:
+    """The calibration a sweep is reproduced with: its own day's bench when one is kept
+    beside it (NAME.calibration.json for NAME.json), else the given one.
+
+    CPU per request on this machine is not a constant: the bench of the morning the
+    2026-12-01 sweep ran made pgbench's SELECT 37,433/s and the framework ceiling
+    18,947 req/s; the bench service/calibration.json comes from, that night, 22,634/s
+    and 13,180 req/s. A sweep checked against another day's costs is off by that much.
+    """
+    beside = sweep.with_name(f"{sweep.stem}.calibration.json")
+    return beside if beside.exists() else calibration
+
+
 def load_summary(path: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads(path.read_text())
     return summary
