@@ -68,7 +68,7 @@ class Setup:
     postgres_cores: int = 2
     max_connections: int = 100
     superuser_reserved: int = 3
-    other_backends: int = 2  # PostgreSQL's other clients (the sampler, the exporter)
+    other_backends: int = 2  # PostgreSQL's other clients (the exporter holds two)
     shared_cores: int | None = None  # everything on these cores (this machine)
     slice_ms: float = 1.5  # the scheduler's base slice there (EEVDF: 0.75 ms x (1 + log2 2))
     load_generator_ms: float = 0.0  # per request, one single-threaded process (shared)
@@ -83,7 +83,13 @@ class Setup:
     # to gunicorn); otherwise each request picks a worker (haproxy reuses its
     # connections to a replica for any client).
     pinned: bool = False
-    reconnect_ms: float = 1000.0  # after a refused connection
+    spawn_ms: float = 0.0  # users start evenly over this (Locust's --spawn-rate)
+    # Superuser clients connected before the load (the sweep's sampler): each takes a
+    # free slot, leaving one fewer to the others; not counted among the backends.
+    superusers: int = 0
+    # psycopg_pool's first wait after a refused connection, doubled at each failure
+    # (AttemptWithBackoff: INITIAL_DELAY 1 s, DELAY_JITTER 10%, DELAY_BACKOFF 2).
+    reconnect_ms: float = 1000.0
     duration_ms: float = 3000.0
     warmup_ms: float = 500.0
     seed: int = 1
@@ -210,7 +216,9 @@ class _Sim:
         self.errors: dict[str, int] = {}
         self.open = 0
         self.peak_open = 0
-        self.slots = s.max_connections - s.superuser_reserved - s.other_backends
+        # Slots for the app: PostgreSQL refuses all but superusers once only
+        # superuser_reserved_connections are free.
+        self.slots = s.max_connections - s.superuser_reserved - s.other_backends - s.superusers
         self.backends = 0
         self.peak_backends = 0
         self.refused = 0
@@ -289,8 +297,10 @@ class _Sim:
         ok = yield from worker.handle(kind)
         return ok
 
-    def user(self) -> Process:
+    def user(self, delay: float = 0.0) -> Process:
         s = self.s
+        if delay:
+            yield self.env.timeout(delay)
         worker = None
         if s.pinned:  # a keep-alive connection stays with the worker that accepted it
             replica = self.rng.randrange(s.replicas)
@@ -324,8 +334,8 @@ class _Sim:
         for worker in self.workers:
             worker.start()
         if s.users:
-            for _ in range(s.users):
-                self.env.process(self.user())
+            for i in range(s.users):
+                self.env.process(self.user(i * s.spawn_ms / s.users))
         else:
             self.env.process(self.arrivals())
         self.env.run(until=s.duration_ms)
@@ -407,27 +417,40 @@ class _Worker:
         self.cpu.since = sim.s.warmup_ms
         self.idle: simpy.Store = simpy.Store(sim.env)
         self.size = 0  # connections open or opening
+        self.growing = False  # psycopg_pool opens one connection at a time to grow
         self.waiting = 0
-        self.refused_until = 0.0
         self.conn_busy = 0.0  # ms of pool connections held
         self.batches: dict[Kind, _Batch] = {}
 
     def start(self) -> None:
+        """POOL_MIN connections, opened at once (psycopg_pool's open)."""
         for _ in range(self.sim.s.pool_min):
-            self.grow()
+            self.size += 1
+            self.env.process(self._add())
 
     def grow(self) -> None:
-        if self.size < self.sim.s.pool_max and self.env.now >= self.refused_until:
+        """A request waits: one more connection, unless one is already on its way."""
+        if self.size < self.sim.s.pool_max and not self.growing:
             self.size += 1
-            self.env.process(self._open())
+            self.growing = True
+            self.env.process(self._add(growing=True))
 
-    def _open(self) -> Process:
-        conn = yield from self.sim.connect(self)
-        if conn is None:
-            self.size -= 1
-            self.refused_until = self.env.now + self.sim.s.reconnect_ms
-            return
+    def _add(self, growing: bool = False) -> Process:
+        """psycopg_pool's AddConnection: a refused attempt is tried again after a
+        backoff (reconnect_timeout is longer than any run here), and a growing pool
+        goes on growing while requests wait, one connection at a time."""
+        s, delay = self.sim.s, 0.0
+        while (conn := (yield from self.sim.connect(self))) is None:
+            delay = delay * 2 if delay else s.reconnect_ms * self.sim.rng.uniform(0.9, 1.1)
+            yield self.env.timeout(delay)
         yield self.idle.put(conn)
+        if growing:
+            # Still waiting, besides the request this connection went to.
+            if self.size < s.pool_max and self.waiting > (0 if self.idle.items else 1):
+                self.size += 1
+                self.env.process(self._add(growing=True))
+            else:
+                self.growing = False
 
     def checkout(self, riders: int = 0) -> Process:
         """A connection within POOL_TIMEOUT, or None with the reason recorded."""

@@ -78,8 +78,13 @@ def cell_setup(
         shared_cores=2,
         load_generator_ms=LOCUST_MS,
         balancer_ms=HAPROXY_MS,
+        # Locust starts its users at --spawn-rate = users: all within the first second.
+        spawn_ms=1000.0,
+        # The sampler (loadtests/common/sampler.py) is a superuser connection opened as
+        # Locust starts: it takes a free slot, not a reserved one.
+        superusers=1 if direct else 0,
         duration_ms=duration_ms,
-        warmup_ms=min(500.0, duration_ms / 4),
+        warmup_ms=min(1500.0, duration_ms / 2),
         seed=seed,
     )
 
