@@ -80,8 +80,10 @@ class Setup:
     # it (the waiter wakes): requests read meanwhile join the batch.
     turns: int = 1
     # Closed loop: each user keeps one connection, served by one worker (wrk straight
-    # to gunicorn); otherwise each request picks a worker (haproxy reuses its
-    # connections to a replica for any client).
+    # to gunicorn). Behind the load balancer (balancer_ms), haproxy picks a replica per
+    # request (leastconn) and, there, reuses the user's own keep-alive connection to
+    # it, held by whichever worker accepted it. Otherwise (a Service) each request picks
+    # a replica and a worker at random.
     pinned: bool = False
     spawn_ms: float = 0.0  # users start evenly over this (Locust's --spawn-rate)
     # Superuser clients connected before the load (the sweep's sampler): each takes a
@@ -212,6 +214,7 @@ class _Sim:
         self.bouncers = [_Bouncer(self) for _ in range(s.instances if s.via_pgbouncer else 0)]
         self.generator = _Cpu(env, 1, self.machine, s.slice_ms) if s.load_generator_ms else None
         self.balancer = _Cpu(env, 1_000_000, self.machine) if s.balancer_ms else None
+        self.in_flight = [0] * s.replicas  # requests haproxy has sent each replica
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
         self.open = 0
@@ -286,31 +289,41 @@ class _Sim:
 
     # -- the load ---------------------------------------------------------------------
 
-    def request(self, kind: Kind, worker: _Worker | None = None) -> Process:
+    def any_worker(self, replica: int) -> _Worker:
+        return self.workers[replica * self.s.workers + self.rng.randrange(self.s.workers)]
+
+    def request(self, kind: Kind, user: _User | None = None) -> Process:
         """One request from the load balancer to its answer: whether it succeeded."""
         s = self.s
-        if self.balancer:
-            yield from self.balancer.run(s.balancer_ms)
-        if worker is None:  # a random replica (haproxy's leastconn, a Service), any worker
-            replica = self.rng.randrange(s.replicas)
-            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
+        if user is not None and user.pinned is not None:
+            ok = yield from user.pinned.handle(kind)
+            return ok
+        if not self.balancer:  # a Service: a random replica, any worker
+            ok = yield from self.any_worker(self.rng.randrange(s.replicas)).handle(kind)
+            return ok
+        yield from self.balancer.run(s.balancer_ms)
+        # haproxy's leastconn: the replica with the fewest requests in flight.
+        fewest = min(self.in_flight)
+        replica = self.rng.choice([r for r, n in enumerate(self.in_flight) if n == fewest])
+        worker = user.worker(replica) if user is not None else self.any_worker(replica)
+        self.in_flight[replica] += 1
         ok = yield from worker.handle(kind)
+        self.in_flight[replica] -= 1
         return ok
 
     def user(self, delay: float = 0.0) -> Process:
         s = self.s
         if delay:
             yield self.env.timeout(delay)
-        worker = None
+        user = _User(self)
         if s.pinned:  # a keep-alive connection stays with the worker that accepted it
-            replica = self.rng.randrange(s.replicas)
-            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
+            user.pinned = self.any_worker(self.rng.randrange(s.replicas))
         while True:
             kind = self.s.mix.draw(self.rng)
             start = self.env.now  # Locust's clock runs from before it sends to after it reads
             if self.generator:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
-            ok = yield from self.request(kind, worker)
+            ok = yield from self.request(kind, user)
             if self.generator:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
             if ok and start >= self.s.warmup_ms:
@@ -405,6 +418,22 @@ class _Bouncer:
             return got[get]
         get.cancel()
         return None
+
+
+class _User:
+    """A load-test user: the keep-alive connection haproxy holds for it to each replica,
+    held by the worker that accepted it (http-reuse safe: a client's requests go back
+    on its own idle connection)."""
+
+    def __init__(self, sim: _Sim) -> None:
+        self.sim = sim
+        self.workers: dict[int, _Worker] = {}
+        self.pinned: _Worker | None = None
+
+    def worker(self, replica: int) -> _Worker:
+        if replica not in self.workers:
+            self.workers[replica] = self.sim.any_worker(replica)
+        return self.workers[replica]
 
 
 class _Worker:

@@ -27,13 +27,22 @@ SWEEP = load_summary(SWEEP_PATH)
 SWEEP_CALIBRATION = load(sweep_calibration_of(SWEEP_PATH, DEFAULT_CALIBRATION))
 
 
-def test_the_model_reproduces_sweep_cells_through_pgbouncer() -> None:
-    """Connections exactly, req/s and p99 within 25%, for a small and a crowded cell."""
-    cells = {("pgbouncer", 1, 1), ("pgbouncer", 4, 2)}
+def test_the_model_reproduces_sweep_cells() -> None:
+    """Connections exactly, req/s and p99 within 25%: a small and a crowded cell through
+    PgBouncer, and one straight to PostgreSQL."""
+    cells = {("pgbouncer", 1, 1), ("pgbouncer", 2, 3), ("direct", 1, 1)}
     rows = sweep_rows(SWEEP, SWEEP_CALIBRATION, duration_ms=3000, only=cells)
-    assert len(rows) == 2
+    assert len(rows) == 3
     for row in rows:
         assert row.problems == [], (row.mode, row.workers, row.replicas, row.problems)
+
+
+def test_an_over_budget_direct_cell_fills_postgres_as_measured() -> None:
+    """Direct W4R2 wants 32 connections of PostgreSQL's 27 free slots: the exporter's two
+    and the sampler's one taken first, the app gets 24, as the sweep saw."""
+    (row,) = sweep_rows(SWEEP, SWEEP_CALIBRATION, duration_ms=3000, only={("direct", 4, 2)})
+    assert (row.measured["clients"], row.measured["backends"]) == (24, 26)
+    assert [p for p in row.problems if not p.startswith(("rps", "p99"))] == []
 
 
 def test_a_cell_the_model_gets_wrong_is_reported() -> None:
