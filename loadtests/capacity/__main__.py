@@ -16,6 +16,7 @@ from loadtests.capacity.validate import (
     coalescing_rows,
     coalescing_table,
     load_summary,
+    sweep_calibration_of,
     sweep_rows,
     sweep_table,
 )
@@ -33,19 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", type=Path, default=DOCS_SWEEP, help="a sweep's summary.json to reproduce"
     )
+    parser.add_argument(
+        "--sweep-calibration",
+        type=Path,
+        default=None,
+        help="the bench of the sweep's own day (default: NAME.calibration.json beside the"
+        " sweep's NAME.json if there is one, else --calibration)",
+    )
     parser.add_argument("--fleets", type=int, nargs="*", default=list(FLEETS))
     parser.add_argument("--cell-ms", type=float, default=3000, help="simulated ms per cell")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     calibration = load(args.calibration)
+    sweep_calibration = load(
+        args.sweep_calibration or sweep_calibration_of(args.sweep, args.calibration)
+    )
     out = args.out or REPORTS / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
 
     def say(line: str) -> None:
         print(f"[{time.monotonic() - started:5.0f}s] {line}", flush=True)
 
-    say(f"sweep cells of {args.sweep}")
-    rows = sweep_rows(load_summary(args.sweep), calibration, args.cell_ms)
+    say(f"sweep cells of {args.sweep}, at {sweep_calibration.source}")
+    rows = sweep_rows(load_summary(args.sweep), sweep_calibration, args.cell_ms)
     print("\n".join(sweep_table(rows)), flush=True)
     say("the bench's coalescing")
     coalescing = coalescing_rows(calibration)
@@ -58,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         source = str(args.sweep.resolve().relative_to(REPO))
     except ValueError:
         source = str(args.sweep)
-    text = markdown(rows, source, coalescing, fleets, calibration.source, pictures)
+    text = markdown(
+        rows, source, sweep_calibration.source, coalescing, fleets, calibration.source, pictures
+    )
     data = {
         "calibration": calibration.as_dict(),
+        "sweep_calibration": sweep_calibration.as_dict(),
         "sweep": [
             {
                 "mode": r.mode,

@@ -68,7 +68,7 @@ class Setup:
     postgres_cores: int = 2
     max_connections: int = 100
     superuser_reserved: int = 3
-    other_backends: int = 2  # PostgreSQL's other clients (the sampler, the exporter)
+    other_backends: int = 2  # PostgreSQL's other clients (the exporter holds two)
     shared_cores: int | None = None  # everything on these cores (this machine)
     slice_ms: float = 1.5  # the scheduler's base slice there (EEVDF: 0.75 ms x (1 + log2 2))
     load_generator_ms: float = 0.0  # per request, one single-threaded process (shared)
@@ -80,10 +80,18 @@ class Setup:
     # it (the waiter wakes): requests read meanwhile join the batch.
     turns: int = 1
     # Closed loop: each user keeps one connection, served by one worker (wrk straight
-    # to gunicorn); otherwise each request picks a worker (haproxy reuses its
-    # connections to a replica for any client).
+    # to gunicorn). Behind the load balancer (balancer_ms), haproxy picks a replica per
+    # request (leastconn) and, there, reuses the user's own keep-alive connection to
+    # it, held by whichever worker accepted it. Otherwise (a Service) each request picks
+    # a replica and a worker at random.
     pinned: bool = False
-    reconnect_ms: float = 1000.0  # after a refused connection
+    spawn_ms: float = 0.0  # users start evenly over this (Locust's --spawn-rate)
+    # Superuser clients connected before the load (the sweep's sampler): each takes a
+    # free slot, leaving one fewer to the others; not counted among the backends.
+    superusers: int = 0
+    # psycopg_pool's first wait after a refused connection, doubled at each failure
+    # (AttemptWithBackoff: INITIAL_DELAY 1 s, DELAY_JITTER 10%, DELAY_BACKOFF 2).
+    reconnect_ms: float = 1000.0
     duration_ms: float = 3000.0
     warmup_ms: float = 500.0
     seed: int = 1
@@ -206,11 +214,14 @@ class _Sim:
         self.bouncers = [_Bouncer(self) for _ in range(s.instances if s.via_pgbouncer else 0)]
         self.generator = _Cpu(env, 1, self.machine, s.slice_ms) if s.load_generator_ms else None
         self.balancer = _Cpu(env, 1_000_000, self.machine) if s.balancer_ms else None
+        self.in_flight = [0] * s.replicas  # requests haproxy has sent each replica
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
         self.open = 0
         self.peak_open = 0
-        self.slots = s.max_connections - s.superuser_reserved - s.other_backends
+        # Slots for the app: PostgreSQL refuses all but superusers once only
+        # superuser_reserved_connections are free.
+        self.slots = s.max_connections - s.superuser_reserved - s.other_backends - s.superusers
         self.backends = 0
         self.peak_backends = 0
         self.refused = 0
@@ -278,29 +289,41 @@ class _Sim:
 
     # -- the load ---------------------------------------------------------------------
 
-    def request(self, kind: Kind, worker: _Worker | None = None) -> Process:
+    def any_worker(self, replica: int) -> _Worker:
+        return self.workers[replica * self.s.workers + self.rng.randrange(self.s.workers)]
+
+    def request(self, kind: Kind, user: _User | None = None) -> Process:
         """One request from the load balancer to its answer: whether it succeeded."""
         s = self.s
-        if self.balancer:
-            yield from self.balancer.run(s.balancer_ms)
-        if worker is None:  # a random replica (haproxy's leastconn, a Service), any worker
-            replica = self.rng.randrange(s.replicas)
-            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
+        if user is not None and user.pinned is not None:
+            ok = yield from user.pinned.handle(kind)
+            return ok
+        if not self.balancer:  # a Service: a random replica, any worker
+            ok = yield from self.any_worker(self.rng.randrange(s.replicas)).handle(kind)
+            return ok
+        yield from self.balancer.run(s.balancer_ms)
+        # haproxy's leastconn: the replica with the fewest requests in flight.
+        fewest = min(self.in_flight)
+        replica = self.rng.choice([r for r, n in enumerate(self.in_flight) if n == fewest])
+        worker = user.worker(replica) if user is not None else self.any_worker(replica)
+        self.in_flight[replica] += 1
         ok = yield from worker.handle(kind)
+        self.in_flight[replica] -= 1
         return ok
 
-    def user(self) -> Process:
+    def user(self, delay: float = 0.0) -> Process:
         s = self.s
-        worker = None
+        if delay:
+            yield self.env.timeout(delay)
+        user = _User(self)
         if s.pinned:  # a keep-alive connection stays with the worker that accepted it
-            replica = self.rng.randrange(s.replicas)
-            worker = self.workers[replica * s.workers + self.rng.randrange(s.workers)]
+            user.pinned = self.any_worker(self.rng.randrange(s.replicas))
         while True:
             kind = self.s.mix.draw(self.rng)
             start = self.env.now  # Locust's clock runs from before it sends to after it reads
             if self.generator:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
-            ok = yield from self.request(kind, worker)
+            ok = yield from self.request(kind, user)
             if self.generator:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
             if ok and start >= self.s.warmup_ms:
@@ -324,8 +347,8 @@ class _Sim:
         for worker in self.workers:
             worker.start()
         if s.users:
-            for _ in range(s.users):
-                self.env.process(self.user())
+            for i in range(s.users):
+                self.env.process(self.user(i * s.spawn_ms / s.users))
         else:
             self.env.process(self.arrivals())
         self.env.run(until=s.duration_ms)
@@ -397,6 +420,22 @@ class _Bouncer:
         return None
 
 
+class _User:
+    """A load-test user: the keep-alive connection haproxy holds for it to each replica,
+    held by the worker that accepted it (http-reuse safe: a client's requests go back
+    on its own idle connection)."""
+
+    def __init__(self, sim: _Sim) -> None:
+        self.sim = sim
+        self.workers: dict[int, _Worker] = {}
+        self.pinned: _Worker | None = None
+
+    def worker(self, replica: int) -> _Worker:
+        if replica not in self.workers:
+            self.workers[replica] = self.sim.any_worker(replica)
+        return self.workers[replica]
+
+
 class _Worker:
     """One worker: its CPU, pool, checkout queue and open batches."""
 
@@ -407,27 +446,40 @@ class _Worker:
         self.cpu.since = sim.s.warmup_ms
         self.idle: simpy.Store = simpy.Store(sim.env)
         self.size = 0  # connections open or opening
+        self.growing = False  # psycopg_pool opens one connection at a time to grow
         self.waiting = 0
-        self.refused_until = 0.0
         self.conn_busy = 0.0  # ms of pool connections held
         self.batches: dict[Kind, _Batch] = {}
 
     def start(self) -> None:
+        """POOL_MIN connections, opened at once (psycopg_pool's open)."""
         for _ in range(self.sim.s.pool_min):
-            self.grow()
+            self.size += 1
+            self.env.process(self._add())
 
     def grow(self) -> None:
-        if self.size < self.sim.s.pool_max and self.env.now >= self.refused_until:
+        """A request waits: one more connection, unless one is already on its way."""
+        if self.size < self.sim.s.pool_max and not self.growing:
             self.size += 1
-            self.env.process(self._open())
+            self.growing = True
+            self.env.process(self._add(growing=True))
 
-    def _open(self) -> Process:
-        conn = yield from self.sim.connect(self)
-        if conn is None:
-            self.size -= 1
-            self.refused_until = self.env.now + self.sim.s.reconnect_ms
-            return
+    def _add(self, growing: bool = False) -> Process:
+        """psycopg_pool's AddConnection: a refused attempt is tried again after a
+        backoff (reconnect_timeout is longer than any run here), and a growing pool
+        goes on growing while requests wait, one connection at a time."""
+        s, delay = self.sim.s, 0.0
+        while (conn := (yield from self.sim.connect(self))) is None:
+            delay = delay * 2 if delay else s.reconnect_ms * self.sim.rng.uniform(0.9, 1.1)
+            yield self.env.timeout(delay)
         yield self.idle.put(conn)
+        if growing:
+            # Still waiting, besides the request this connection went to.
+            if self.size < s.pool_max and self.waiting > (0 if self.idle.items else 1):
+                self.size += 1
+                self.env.process(self._add(growing=True))
+            else:
+                self.growing = False
 
     def checkout(self, riders: int = 0) -> Process:
         """A connection within POOL_TIMEOUT, or None with the reason recorded."""

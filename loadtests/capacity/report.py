@@ -172,6 +172,7 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[str]:
 def markdown(
     sweep: list[Row],
     sweep_source: str,
+    sweep_calibration_source: str,
     coalescing: list[tuple[int, float, float]],
     fleets: list[dict[str, Any]],
     calibration_source: str,
@@ -184,6 +185,8 @@ def markdown(
         f"Calibration: {calibration_source}. Model: loadtests/capacity/model.py (SimPy).",
         "",
         f"## This machine: every cell of the sweep ({sweep_source})",
+        "",
+        f"Costs: {sweep_calibration_source}.",
         "",
         "Measured / modelled. Connections must agree exactly, req/s and p99 within 25%.",
         "",
