@@ -23,7 +23,9 @@ Not from the bench:
   backends less its clients), and the sampler's superuser connection, which takes a
   free slot as Locust starts (loadtests/common/sampler.py; it does not count itself).
 - Locust's start: --spawn-rate equal to --users (loadtests/sweep/runners.py), so every
-  user has started after one second; the model measures from 1.5 s (WARMUP_MS).
+  user has started after one second, and --reset-stats then starts the cell's numbers
+  afresh (sweeps from before 2026-12-02 counted that second too); the model measures
+  from 1.5 s (WARMUP_MS).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         " replicas still boot; coalescing off, COALESCE_MAX 1, so that every queued request"
         f" needs a connection of its own), {plan.duration} s of loadtests/saturate.py per"
         f" cell (browse.py's reads, no pause) with {plan.users_per_connection} users per pooled"
-        " connection."
+        " connection, all started in the first second; req/s and latencies from then on"
+        " (Locust's --reset-stats)."
         f" PgBouncer cells: default_pool_size {plan.pgbouncer_pool_size}, no reserve."
         f" Direct cells: PostgreSQL with max_connections {plan.direct_max_connections}.",
         "",

@@ -65,6 +65,9 @@ def run_locust(stack: Stack, users: int, duration: int, prefix: Path) -> str:
             "--csv",
             str(prefix),
             "--only-summary",
+            # Every user starts within the first second; the pools grow from POOL_MIN
+            # meanwhile. The cell's numbers are the steady state after that.
+            "--reset-stats",
             "--stop-timeout",
             "5",
         ],
