@@ -85,6 +85,11 @@ class Setup:
     # it, held by whichever worker accepted it. Otherwise (a Service) each request picks
     # a replica and a worker at random.
     pinned: bool = False
+    # Per replica, each worker's share of the users' keep-alive connections (a sweep
+    # measures it: loadtests/sweep/probes.in_flight_by_worker). The kernel hands each
+    # accepted connection to one waiting worker, not in turn, so the shares are uneven
+    # and differ run to run; empty: each connection goes to a worker at random.
+    worker_shares: tuple[tuple[float, ...], ...] = ()
     spawn_ms: float = 0.0  # users start evenly over this (Locust's --spawn-rate)
     # Superuser clients connected before the load (the sweep's sampler): each takes a
     # free slot, leaving one fewer to the others; not counted among the backends.
@@ -215,6 +220,7 @@ class _Sim:
         self.generator = _Cpu(env, 1, self.machine, s.slice_ms) if s.load_generator_ms else None
         self.balancer = _Cpu(env, 1_000_000, self.machine) if s.balancer_ms else None
         self.in_flight = [0] * s.replicas  # requests haproxy has sent each replica
+        self.accepted: dict[int, list[int]] = {}  # replica -> connections each worker took
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
         self.open = 0
@@ -292,6 +298,21 @@ class _Sim:
     def any_worker(self, replica: int) -> _Worker:
         return self.workers[replica * self.s.workers + self.rng.randrange(self.s.workers)]
 
+    def accepting_worker(self, replica: int) -> _Worker:
+        """The worker that accepts a new keep-alive connection to `replica`: in the
+        measured shares when there are some (the one furthest below its share), else
+        any."""
+        shares = self.s.worker_shares[replica] if replica < len(self.s.worker_shares) else ()
+        if len(shares) != self.s.workers or sum(shares) <= 0:
+            return self.any_worker(replica)
+        accepted = self.accepted.setdefault(replica, [0] * self.s.workers)
+        chosen = min(
+            (w for w in range(self.s.workers) if shares[w] > 0),
+            key=lambda w: (accepted[w] + 1) / shares[w],
+        )
+        accepted[chosen] += 1
+        return self.workers[replica * self.s.workers + chosen]
+
     def request(self, kind: Kind, user: _User | None = None) -> Process:
         """One request from the load balancer to its answer: whether it succeeded."""
         s = self.s
@@ -317,7 +338,7 @@ class _Sim:
             yield self.env.timeout(delay)
         user = _User(self)
         if s.pinned:  # a keep-alive connection stays with the worker that accepted it
-            user.pinned = self.any_worker(self.rng.randrange(s.replicas))
+            user.pinned = self.accepting_worker(self.rng.randrange(s.replicas))
         while True:
             kind = self.s.mix.draw(self.rng)
             start = self.env.now  # Locust's clock runs from before it sends to after it reads
@@ -432,7 +453,7 @@ class _User:
 
     def worker(self, replica: int) -> _Worker:
         if replica not in self.workers:
-            self.workers[replica] = self.sim.any_worker(replica)
+            self.workers[replica] = self.sim.accepting_worker(replica)
         return self.workers[replica]
 
 

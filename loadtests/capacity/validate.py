@@ -22,6 +22,12 @@ Not from the bench:
 - PostgreSQL's other clients: the exporter's two connections (every direct cell's
   backends less its clients), and the sampler's superuser connection, which takes a
   free slot as Locust starts (loadtests/common/sampler.py; it does not count itself).
+- How the workers of each replica shared the users: each worker's mean requests in
+  flight, which the sweep measures in every cell (in_flight_by_worker; the kernel hands
+  each new connection to one waiting worker, not in turn, so a worker can hold four
+  times another's users, and its queue is the cell's latency tail). A condition of the
+  cell, like the split over PgBouncers, not a result; without it users go to a worker
+  at random.
 - Locust's start: --spawn-rate equal to --users (loadtests/sweep/runners.py), so every
   user has started after one second, and --reset-stats then starts the cell's numbers
   afresh (sweeps from before 2026-12-02 counted that second too); the model measures
@@ -94,6 +100,7 @@ def cell_setup(
         load_generator_ms=LOCUST_MS,
         balancer_ms=HAPROXY_MS,
         spawn_ms=SPAWN_MS,
+        worker_shares=worker_shares(cell.get("in_flight_by_worker") or ""),
         # The sampler (loadtests/common/sampler.py) is a superuser connection opened as
         # Locust starts: it takes a free slot, not a reserved one.
         superusers=1 if direct else 0,
@@ -101,6 +108,16 @@ def cell_setup(
         warmup_ms=min(WARMUP_MS, duration_ms / 2),
         seed=seed,
     )
+
+
+def worker_shares(in_flight: str) -> tuple[tuple[float, ...], ...]:
+    """`replica-1=25.1,14.9;replica-2=9.0,8.0` -> ((25.1, 14.9), (9.0, 8.0)): how the
+    sweep's workers shared the users (sweeps before 2026-12-02 did not record it)."""
+    shares = []
+    for part in filter(None, in_flight.split(";")):
+        _, _, values = part.partition("=")
+        shares.append(tuple(float(v) for v in values.split(",") if v))
+    return tuple(shares)
 
 
 def measured(cell: dict[str, Any]) -> dict[str, float]:

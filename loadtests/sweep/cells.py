@@ -38,6 +38,9 @@ class Cell:
     shed_503: int  # deliberate 503s with Retry-After (pool pressure)
     pool_waiters: int  # peak requests queued in the app pools, summed over workers
     connection_errors: int  # pool connections refused (direct: "too many clients")
+    # `replica-1=25.1,14.9,8.0,6.0;...`: each worker's mean requests in flight, largest
+    # first (probes.in_flight_by_worker): how evenly the workers shared the users.
+    in_flight_by_worker: str
     # CPU busy on the machine, in cores, with the stack at rest just before the load:
     # other work sharing the machine, which the cell's rates and latencies then include.
     background_cores: float

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -14,20 +13,62 @@ from loadtests.common.sampling import by_replica, parse_counts
 from loadtests.sweep.plan import Mode
 
 
-def pool_pressure(http: httpx.Client, urls: list[str]) -> tuple[int, int]:
-    """(requests waiting in the pools, pool connections refused so far), summed over the
-    replicas' metrics ports that answer.
+class Pressure(NamedTuple):
+    """One reading of the replicas' metrics ports while a cell runs."""
+
+    waiting: int  # requests waiting in the pools, all replicas
+    errors: int  # pool connections refused so far, all replicas
+    # Per replica (None when its port did not answer): pid -> requests in flight there.
+    in_flight: tuple[dict[str, float] | None, ...]
+
+
+def pool_pressure(http: httpx.Client, urls: list[str]) -> Pressure:
+    """The pools' pressure and each worker's requests in flight, from the replicas'
+    metrics ports that answer.
 
     A refused connection is PostgreSQL (or PgBouncer) turning down a new pool connection,
     "sorry, too many clients already" when the replicas go straight to PostgreSQL.
     """
     waiting = errors = 0
+    in_flight: list[dict[str, float] | None] = []
     for url in urls:
-        with contextlib.suppress(httpx.HTTPError):
+        try:
             metrics = Scrape.get(url, http)
-            waiting += int(metrics.total("pgscale_pool_requests_waiting"))
-            errors += int(metrics.total("pgscale_pool_connection_errors", "_total"))
-    return waiting, errors
+        except httpx.HTTPError:
+            in_flight.append(None)
+            continue
+        waiting += int(metrics.total("pgscale_pool_requests_waiting"))
+        errors += int(metrics.total("pgscale_pool_connection_errors", "_total"))
+        in_flight.append(metrics.by_pid("pgscale_http_requests_in_flight"))
+    return Pressure(waiting, errors, tuple(in_flight))
+
+
+def in_flight_by_worker(readings: list[Pressure], skip: int = 2) -> str:
+    """Each worker's mean requests in flight over the cell, per replica, largest first:
+    `replica-1=25.1,14.9,8.0,6.0;replica-2=...` (the first `skip` readings, while users
+    start, left out).
+
+    Closed-loop users with no pause each keep one request in flight, on the keep-alive
+    connection haproxy holds to one worker: how unevenly the workers accepted those
+    connections (the kernel wakes one waiting worker per connection, not in turn) is
+    how unevenly they queue, and the busiest worker's queue is the cell's latency tail.
+    """
+    sums: dict[int, dict[str, float]] = {}
+    counts: dict[int, dict[str, int]] = {}
+    for reading in readings[skip:]:
+        for replica, workers in enumerate(reading.in_flight, start=1):
+            for pid, value in (workers or {}).items():
+                sums.setdefault(replica, {}).setdefault(pid, 0.0)
+                sums[replica][pid] += value
+                counts.setdefault(replica, {}).setdefault(pid, 0)
+                counts[replica][pid] += 1
+    parts = []
+    for replica in sorted(sums):
+        means = sorted(
+            (sums[replica][pid] / counts[replica][pid] for pid in sums[replica]), reverse=True
+        )
+        parts.append(f"replica-{replica}=" + ",".join(f"{m:.1f}" for m in means))
+    return ";".join(parts)
 
 
 def replica_sum(cell: str | None) -> int:

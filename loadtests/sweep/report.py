@@ -77,9 +77,9 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
         "",
         "| mode | W | R | PgBouncers | predicted clients | measured clients | split |"
         " PgBouncer servers | PostgreSQL backends | req/s | p50 ms | p95 ms | p99 ms |"
-        " failures | shed 503 | pool waiters | refused connections | other load (cores) |"
-        " budget | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " failures | shed 503 | pool waiters | refused connections | in flight by worker |"
+        " other load (cores) | budget | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         pooled = c.mode is Mode.PGBOUNCER
@@ -91,7 +91,8 @@ def markdown(plan: Plan, cells: list[Cell], pngs: list[str]) -> str:
             f" {c.pgbouncer_servers if pooled else '-'} |"
             f" {c.postgres_backends} | {c.requests_per_s:.0f} | {c.p50_ms:.0f} | {c.p95_ms:.0f} |"
             f" {c.p99_ms:.0f} | {c.failures} | {c.shed_503} | {c.pool_waiters} |"
-            f" {c.connection_errors} | {c.background_cores:.2f} |"
+            f" {c.connection_errors} | {c.in_flight_by_worker.replace(';', ' ') or '-'} |"
+            f" {c.background_cores:.2f} |"
             f" {'fits' if c.budget_fits else 'over'} |"
             f" {'as predicted' if c.as_predicted else 'NOT as predicted'}: {c.verdict} |"
         )

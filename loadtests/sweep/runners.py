@@ -22,7 +22,7 @@ from loadtests.common.poll import Poll
 from loadtests.common.sampling import join_dsns
 from loadtests.sweep.cells import Cell, judge
 from loadtests.sweep.plan import CellKey, Mode, Plan
-from loadtests.sweep.probes import locust_totals, peaks, pool_pressure
+from loadtests.sweep.probes import in_flight_by_worker, locust_totals, peaks, pool_pressure
 from service.budget import check, deployment_topology
 from service.settings import Settings
 
@@ -171,8 +171,9 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         p99_ms=totals["p99"],
         failures=int(totals["failures"]),
         shed_503=measured["shed"],
-        pool_waiters=max((waiting for waiting, _ in pressure.readings), default=0),
-        connection_errors=max((errors for _, errors in pressure.readings), default=0),
+        pool_waiters=max((r.waiting for r in pressure.readings), default=0),
+        connection_errors=max((r.errors for r in pressure.readings), default=0),
+        in_flight_by_worker=in_flight_by_worker(pressure.readings),
         background_cores=round(background, 2),
         verdict="",
         as_predicted=False,

@@ -60,6 +60,8 @@ def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: P
         assert cell["as_predicted"], cell["verdict"]
         assert cell["requests"] > 0
         assert 0 <= cell["background_cores"] <= (os.cpu_count() or 1)
+        # One mean per worker of the one replica.
+        assert cell["in_flight_by_worker"].count(",") == cell["workers"] - 1, cell
     for name in ("report.md", "cells.csv", "client_connections.png", "server_connections.png"):
         assert (out / name).exists(), name
     assert "2 of 2 cells as predicted" in (out / "report.md").read_text()

@@ -16,6 +16,7 @@ from loadtests.capacity.validate import (
     modelled,
     sweep_calibration_of,
     sweep_rows,
+    worker_shares,
 )
 from service.calibration import DEFAULT_CALIBRATION, load
 
@@ -108,3 +109,17 @@ def test_a_planned_fleet_stays_flat_on_postgres_and_a_naive_one_is_refused() -> 
     assert naive.client_connections == s.max_connections - 3 - 3
     assert naive.refused > 0
     assert naive.errors.get("503 pool timeout", 0) > 0
+
+
+def test_workers_that_hold_more_users_lengthen_the_tail() -> None:
+    """The sweep's measured shares of users per worker reach the model: one worker with
+    three times the other's users queues longer (not three times: with two workers on
+    two cores the busier one also takes more of the CPU), and that is the cell's p99."""
+    assert worker_shares("replica-1=24.0,8.0;replica-2=9.5,8.0") == ((24.0, 8.0), (9.5, 8.0))
+    cell = next(
+        c for c in SWEEP["cells"] if (c["mode"], c["workers"], c["replicas"]) == ("direct", 2, 1)
+    )
+    even = cell_setup(SWEEP["plan"], {**cell, "in_flight_by_worker": "replica-1=1,1"}, 1500)
+    skewed = replace(even, worker_shares=((3.0, 1.0),))
+    p99 = {name: simulate(s, CALIBRATION).p99_ms for name, s in (("even", even), ("3:1", skewed))}
+    assert p99["3:1"] > 1.2 * p99["even"], p99
