@@ -74,7 +74,7 @@ bench: setup
 	$(PY) -m loadtests.bench --profile
 
 # The capacity model (SimPy) checked against a sweep's cells and the bench's coalescing,
-# then fleets of 10, 100 and 1,000 replicas, planned and naive (about 4 minutes, no
+# then fleets of 10, 100 and 1,000 replicas, planned and naive (about 2 minutes, no
 # servers); report in reports/capacity/. docs/capacity/ is
 # `make capacity SWEEP=docs/capacity/sweep-2026-12-01.json`.
 CALIBRATION ?= service/calibration.json
