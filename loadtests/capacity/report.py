@@ -82,8 +82,11 @@ def _save(fig: Figure, out: Path, name: str) -> str:
 
 
 def charts(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    """Connections per tier, PostgreSQL backends, p99, utilization; the file names."""
-    names = []
+    """Connections per tier, PostgreSQL backends, p99, utilization; the file names
+    (none without fleets: `--fleets` given no sizes)."""
+    names: list[str] = []
+    if not rows:
+        return names
     sizes = sorted({r["replicas"] for r in rows})
 
     def pick(sizing: str, key: str) -> list[float]:
