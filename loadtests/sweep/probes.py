@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,20 +55,14 @@ def in_flight_by_worker(readings: list[Pressure], skip: int = 2) -> str:
     connections (the kernel wakes one waiting worker per connection, not in turn) is
     how unevenly they queue, and the busiest worker's queue is the cell's latency tail.
     """
-    sums: dict[int, dict[str, float]] = {}
-    counts: dict[int, dict[str, int]] = {}
+    seen: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for reading in readings[skip:]:
         for replica, workers in enumerate(reading.in_flight, start=1):
             for pid, value in (workers or {}).items():
-                sums.setdefault(replica, {}).setdefault(pid, 0.0)
-                sums[replica][pid] += value
-                counts.setdefault(replica, {}).setdefault(pid, 0)
-                counts[replica][pid] += 1
+                seen[replica][pid].append(value)
     parts = []
-    for replica in sorted(sums):
-        means = sorted(
-            (sums[replica][pid] / counts[replica][pid] for pid in sums[replica]), reverse=True
-        )
+    for replica in sorted(seen):
+        means = sorted((statistics.fmean(v) for v in seen[replica].values()), reverse=True)
         parts.append(f"replica-{replica}=" + ",".join(f"{m:.1f}" for m in means))
     return ";".join(parts)
 
