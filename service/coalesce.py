@@ -174,6 +174,9 @@ class _EveryRequest:
         for _ in range(len(self.batch)):
             self.each.unavailable()
 
+    def login_refused(self) -> None:
+        self.each.login_refused()  # one call, sent again: counted once
+
     def statement_sizes(self, statement: str) -> TalliedHistogram | None:
         return self.each.statement_sizes(statement)
 
@@ -184,7 +187,7 @@ Many = Callable[[C, list[K]], Awaitable[Sequence[R]]]
 
 class Runs(Protocol[C_co]):
     """How a database call runs on a pooled connection: `Database.read` (repeated once
-    on a dead connection) or `Database.write` (never repeated)."""
+    on a dead connection) or `Database.write` (never repeated once sent)."""
 
     def __call__(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Sequence
@@ -32,7 +33,7 @@ from service.checkout import CheckoutQueue, Party
 from service.context import CURRENT, Timing
 from service.errors import DatabaseDown, DeadlineExceeded
 from service.metrics import NullPoolObserver, PoolObserver
-from service.pool import Connection, Pool, PoolKeeper
+from service.pool import Connection, Pool, PoolKeeper, login_failing, login_retry_waits
 from service.settings import Settings
 
 logger = logging.getLogger("service.db")
@@ -233,7 +234,10 @@ class Database:
         `party`: the batch, whose riders wait with it.
         """
         observer = observer or self.observer
-        return await self._within_deadline(self._read_once_or_twice(run, observer, party), observer)
+        call = self._repeating_refusals(
+            lambda: self._read_once_or_twice(run, observer, party), observer
+        )
+        return await self._within_deadline(call, observer)
 
     async def _read_once_or_twice(
         self,
@@ -259,10 +263,38 @@ class Database:
         observer: PoolObserver | None = None,
         party: Party | None = None,
     ) -> T:
-        """`run` a write on a pooled connection, within DB_DEADLINE; never repeated
-        (`run` ends its own transaction: see `run_framed`)."""
+        """`run` a write on a pooled connection, within DB_DEADLINE; never repeated once
+        sent (`run` ends its own transaction: see `run_framed`), only while PgBouncer
+        refuses it unsent (`_repeating_refusals`)."""
         observer = observer or self.observer
-        return await self._within_deadline(self._once(run, observer, party), observer)
+        call = self._repeating_refusals(lambda: self._once(run, observer, party), observer)
+        return await self._within_deadline(call, observer)
+
+    async def _repeating_refusals(
+        self, attempt: Callable[[], Awaitable[T]], observer: PoolObserver
+    ) -> T:
+        """`attempt()`, and again, after a pause, each time PgBouncer refuses it because
+        its server logins fail (service/pool.py, LOGIN_FAILING), for up to
+        DB_LOGIN_RETRY_WINDOW: such a refusal forwards nothing, so a write is as safe to
+        send again as a read. It comes at a transaction's first statement (after that
+        PgBouncer holds a server for it), and lasts until a login succeeds, at most
+        PgBouncer's server_login_retry when the server is up (a RELOAD under traffic
+        opens it). A path that is down stays refused and is answered 503 when the
+        window is over, or at once when the keeper's probe says it is down.
+        """
+        waits = login_retry_waits(self.settings.db_login_retry_window)
+        while True:
+            try:
+                return await attempt()
+            except psycopg.OperationalError as exc:
+                if not login_failing(exc):
+                    raise
+                wait = next(waits, None)
+                if wait is None or self.keeper.down:
+                    raise
+                observer.login_refused()
+                logger.debug("PgBouncer refused a call unsent (%s): again in %.2f s", exc, wait)
+                await asyncio.sleep(wait)
 
     async def _once(
         self,
@@ -306,8 +338,8 @@ class Database:
     async def transaction(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run `work` in one explicit transaction with a statement timeout set LOCAL.
 
-        Its connection is tested at checkout (CheckAndSweep), and it is never repeated.
-        Pipeline mode sends BEGIN, SET LOCAL and the first statements together.
+        Its connection is tested at checkout (CheckAndSweep), and it is never repeated
+        once sent. Pipeline mode sends BEGIN, SET LOCAL and the first statements together.
         """
         return await self.write(self._transaction(work))
 
@@ -365,7 +397,9 @@ class Database:
             async with asyncio.timeout(within), await self._connect() as conn:
                 await conn.execute("SELECT 1")
             return
-        call = self._once(_select_one, NullPoolObserver(), wait=within / 2)
+        null = NullPoolObserver()
+        once = functools.partial(self._once, _select_one, null, wait=within / 2)
+        call = self._repeating_refusals(once, null)
         try:
             await self._bounded(call, within)
         except TimeoutError as exc:

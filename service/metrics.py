@@ -86,6 +86,11 @@ STATEMENT_REQUESTS = Histogram(
     ["statement"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+DB_LOGIN_REFUSALS_REPEATED = Counter(
+    "pgscale_db_login_refusals_repeated",
+    "Database calls PgBouncer refused unsent while its server logins failed"
+    " (server_login_retry), sent again after a pause (service/db.py).",
+)
 POOL_UNAVAILABLE = Counter(
     "pgscale_pool_unavailable",
     "Requests refused at once while the worker's probe finds the database path down (503).",
@@ -211,6 +216,7 @@ class PoolObserver(Protocol):
     def rejected(self) -> None: ...
     def deadline_exceeded(self) -> None: ...
     def unavailable(self) -> None: ...
+    def login_refused(self) -> None: ...
     def statement_sizes(self, statement: str) -> TalliedHistogram | None: ...
 
 
@@ -230,6 +236,9 @@ class NullPoolObserver:
         pass
 
     def deadline_exceeded(self) -> None:
+        pass
+
+    def login_refused(self) -> None:
         pass
 
     def unavailable(self) -> None:
@@ -253,6 +262,9 @@ class PrometheusPoolObserver:
 
     def unavailable(self) -> None:
         POOL_UNAVAILABLE.inc()
+
+    def login_refused(self) -> None:
+        DB_LOGIN_REFUSALS_REPEATED.inc()
 
     def statement_sizes(self, statement: str) -> TalliedHistogram | None:
         return TALLY.statement_sizes(statement)

@@ -40,7 +40,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import psycopg
@@ -76,6 +76,16 @@ REFUSALS = (
     "invalid sslmode value",
     "invalid connection option",
 )
+
+# PgBouncer's answer to a transaction's first statement while its logins to the server
+# fail: until one succeeds, and it tries the next only `server_login_retry` seconds
+# after a failed one, it refuses every client it has no server for and forwards nothing
+# (new clients' logins it holds instead, until its next server login). A login that a
+# RELOAD (any, while server TLS is on: PgBouncer then recycles every server connection)
+# or a RECONNECT cuts short counts as failed, so the window opens with no outage at all.
+LOGIN_FAILING = "server login has been failing"
+FIRST_REPEAT_WAIT = 0.05  # seconds before the first repeat; each next waits twice as long,
+MAX_REPEAT_WAIT = 0.5  # up to this: a login can succeed any moment once the window is over
 
 
 class Connection(AsyncConnection[DictRow]):
@@ -162,6 +172,24 @@ def refusal(error: BaseException) -> bool:
         return True  # a conninfo libpq cannot parse
     message = str(error).lower()
     return any(words in message for words in REFUSALS)
+
+
+def login_failing(error: BaseException) -> bool:
+    """Whether PgBouncer refused this client unsent because its server logins fail: what
+    was refused (a login, a statement, a transaction) can be sent again as it was."""
+    return isinstance(error, psycopg.OperationalError) and LOGIN_FAILING in str(error)
+
+
+def login_retry_waits(window: float) -> Iterator[float]:
+    """Pauses between attempts PgBouncer refused (`login_failing`): doubling from
+    FIRST_REPEAT_WAIT up to MAX_REPEAT_WAIT, all together `window` seconds
+    (DB_LOGIN_RETRY_WINDOW)."""
+    left, wait = window, FIRST_REPEAT_WAIT
+    while left > 1e-9:
+        step = min(wait, left)
+        yield step
+        left -= step
+        wait = min(wait * 2, MAX_REPEAT_WAIT)
 
 
 class DatabaseRefused(RuntimeError):
@@ -343,7 +371,23 @@ class PoolKeeper:
         return await self.probe_error() is None
 
     async def probe_error(self) -> Exception | None:
-        """Why a connection of our own, outside the pool, cannot answer `SELECT 1` now."""
+        """Why a connection of our own, outside the pool, cannot answer `SELECT 1` now.
+
+        PgBouncer's refusal while its server logins fail is asked again for up to
+        DB_LOGIN_RETRY_WINDOW: a login a RELOAD cut short opens that window with the
+        path up, and a path down still says so when the window is over.
+        """
+        waits = login_retry_waits(self.settings.db_login_retry_window)
+        while True:
+            error = await self._probe_once()
+            if error is None or not login_failing(error):
+                return error
+            wait = next(waits, None)
+            if wait is None:
+                return error
+            await asyncio.sleep(wait)
+
+    async def _probe_once(self) -> Exception | None:
         kwargs = connection_kwargs(self.settings, None)
         kwargs["application_name"] = f"{kwargs['application_name']}-probe"
         try:

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds one request's whole database call may take, queueing included.",
     )
+    db_login_retry_window: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds a call PgBouncer refused unsent (its server logins failing:"
+        " server_login_retry) is sent again, within DB_DEADLINE (0: never).",
+    )
     retry_after: int = Field(default=1, ge=1, description="Retry-After seconds on a 503.")
     readiness_timeout: float = Field(
         default=1.0, gt=0, description="Seconds /readyz waits for a connection and `SELECT 1`."
@@ -160,6 +166,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"STATEMENT_TIMEOUT ({self.statement_timeout}s) must be below DB_DEADLINE "
                 f"({self.db_deadline}s), so the database cancels a query before we give up on it"
+            )
+        if self.db_login_retry_window >= self.db_deadline:
+            raise ValueError(
+                f"DB_LOGIN_RETRY_WINDOW ({self.db_login_retry_window}s) must be below"
+                f" DB_DEADLINE ({self.db_deadline}s): the deadline covers the repeats"
             )
         return self
 

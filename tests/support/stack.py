@@ -51,12 +51,13 @@ class Databases:
         tls = self.postgres.tls
         return f"{base}?{urlencode(tls.libpq(client_cert=True))}" if tls else base
 
-    def extra_bouncer(self, name: str, **options: Any) -> PgBouncer:
-        """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it."""
+    def extra_bouncer(self, name: str, upstream: int | None = None, **options: Any) -> PgBouncer:
+        """Another PgBouncer on the same PostgreSQL, for tests that stop or starve it;
+        `upstream`: the port it reaches PostgreSQL on, if not PostgreSQL's own (a proxy)."""
         return PgBouncer(
             self.root / name,
             procs.free_port_block(1),
-            self.postgres.port,
+            upstream or self.postgres.port,
             APP,
             users={APP: APP_PASSWORD},
             admin_password=ADMIN_PASSWORD,
@@ -65,9 +66,11 @@ class Databases:
         )
 
     @contextmanager
-    def running_bouncer(self, name: str, **options: Any) -> Iterator[PgBouncer]:
+    def running_bouncer(
+        self, name: str, upstream: int | None = None, **options: Any
+    ) -> Iterator[PgBouncer]:
         """`extra_bouncer`, started for the block and stopped after it, pass or fail."""
-        bouncer = self.extra_bouncer(name, **options)
+        bouncer = self.extra_bouncer(name, upstream, **options)
         bouncer.start()
         try:
             yield bouncer

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import psycopg
 import pytest
 from psycopg_pool import PoolTimeout
 
 from service import pool as pool_module
-from service.pool import GIVE_UP_AFTER, DatabaseRefused, PoolKeeper, refusal
+from service.pool import (
+    GIVE_UP_AFTER,
+    MAX_REPEAT_WAIT,
+    DatabaseRefused,
+    PoolKeeper,
+    login_failing,
+    login_retry_waits,
+    refusal,
+)
 from service.settings import Settings
 
 SETTINGS = Settings(database_url="postgresql://app@127.0.0.1:1/app", pool_min=1, pool_max=2)
@@ -173,3 +182,60 @@ def test_a_worker_whose_settings_are_refused_fails_its_start() -> None:
 
     with pytest.raises(DatabaseRefused, match=r"refuses these settings: .*SASL authentication"):
         asyncio.run(start())
+
+
+# PgBouncer's refusal while its server logins fail: 1.18's words (seen here), and the
+# words of later releases, which add the login's own error.
+LOGIN_FAILING = [
+    "server login has been failing, try again later (server_login_retry)",
+    "server login has been failing, cached error: connect failed (server_login_retry)",
+]
+
+
+@pytest.mark.parametrize("message", LOGIN_FAILING)
+def test_pgbouncers_refusal_while_its_logins_fail_is_told_apart(message: str) -> None:
+    error = psycopg.OperationalError(message)
+    assert login_failing(error)
+    assert not refusal(error)  # a worker starting in the window starts, not ready
+
+
+@pytest.mark.parametrize("message", REFUSED + DOWN)
+def test_other_failures_are_not_pgbouncers_refusal_while_its_logins_fail(message: str) -> None:
+    assert not login_failing(psycopg.OperationalError(f"connection failed: {message}"))
+
+
+@pytest.mark.parametrize("window", [0.0, 0.05, 0.3, 2.0, 7.25])
+def test_repeat_pauses_double_up_to_their_cap_and_fill_the_window(window: float) -> None:
+    waits = list(login_retry_waits(window))
+    assert sum(waits) == pytest.approx(window)
+    assert all(0 < w <= MAX_REPEAT_WAIT for w in waits)
+    # Each pause doubles the one before, until the cap (the last may be cut short).
+    assert all(b == min(2 * a, MAX_REPEAT_WAIT) for a, b in itertools.pairwise(waits[:-1]))
+
+
+def probed_with(answers: list[Exception | None], window: float) -> tuple[Exception | None, int]:
+    """What the keeper's probe says when its attempts answer `answers` in turn."""
+    keeper = PoolKeeper(SETTINGS.model_copy(update={"db_login_retry_window": window}), None)
+    asked = iter(answers)
+    count = 0
+
+    async def once() -> Exception | None:
+        nonlocal count
+        count += 1
+        return next(asked)
+
+    keeper._probe_once = once  # type: ignore[method-assign]
+    return asyncio.run(keeper.probe_error()), count
+
+
+def test_the_probe_waits_out_pgbouncers_refusal_window_before_it_says_down() -> None:
+    refused = psycopg.OperationalError(LOGIN_FAILING[0])
+    assert probed_with([refused, refused, None], window=1.0) == (None, 3)
+    error, attempts = probed_with([refused] * 100, window=0.2)
+    assert error is refused
+    assert attempts == len(list(login_retry_waits(0.2))) + 1
+
+
+def test_any_other_probe_failure_says_down_at_once() -> None:
+    down = psycopg.OperationalError("connection failed: Connection refused")
+    assert probed_with([down, None], window=1.0) == (down, 1)

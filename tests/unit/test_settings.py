@@ -30,6 +30,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ({"pool_min": 5, "pool_max": 2}, "POOL_MIN (5) must not exceed POOL_MAX (2)"),
         ({"pool_timeout": 9, "db_deadline": 8}, "POOL_TIMEOUT (9.0s) must be below DB_DEADLINE"),
         ({"statement_timeout": 8, "db_deadline": 8}, "STATEMENT_TIMEOUT (8.0s) must be below"),
+        (
+            {"db_login_retry_window": 8, "db_deadline": 8},
+            "DB_LOGIN_RETRY_WINDOW (8.0s) must be below DB_DEADLINE",
+        ),
         ({"pool_max": 0}, "pool_max"),
         ({"database_url": "mysql://x@y/z"}, "database_url"),
     ],
