@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 
 from infra.localstack import certs, procs
-from infra.localstack.pgbouncer import ADMIN_USER
+from infra.localstack.pgbouncer import ADMIN_USER, PgBouncer
 from infra.localstack.secrets import password
 from infra.localstack.stack import APP_DATABASE, APP_ROLE, EXPORTER_ROLE, Stack
 from tests.support.stack import running_stack
@@ -178,6 +178,11 @@ def served_serial(port: int, ca: Path) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
+def server_addresses(bouncer_: PgBouncer) -> set[tuple[str, str]]:
+    """PgBouncer's server connections now, each by its local address and port."""
+    return {(row["local_addr"], str(row["local_port"])) for row in bouncer_.admin("SHOW SERVERS")}
+
+
 class Traffic:
     """Reads and writes through the load balancer, one after another, until stopped."""
 
@@ -212,9 +217,9 @@ class Traffic:
 
 
 def test_server_certificates_rotate_under_traffic_without_a_failed_request(stack: Stack) -> None:
-    """New pairs on disk, PgBouncer RELOAD and PostgreSQL reload: new handshakes get the
-    new certificates, PgBouncer's fresh server connections verify PostgreSQL's, and not
-    one request fails."""
+    """New pairs on disk, PostgreSQL reloaded, then PgBouncer RELOADed: new handshakes get
+    the new certificates, the RELOAD replaces every server connection with one that
+    verified PostgreSQL's new certificate, and not one request fails."""
     tls = stack.tls
     assert tls is not None
     s = stack.settings
@@ -223,15 +228,27 @@ def test_server_certificates_rotate_under_traffic_without_a_failed_request(stack
     bouncer_ = stack.pgbouncer()
     with Traffic(stack.haproxy().url) as traffic:
         assert procs.wait_until(lambda: len(traffic.statuses) >= 20, 30)
+        old_servers = server_addresses(bouncer_)
+        assert old_servers  # the control: traffic holds server connections to replace
         certs.rotate(tls)
         assert {name: certs.serial(tls.cert(name)) for name in ports} != before
-        bouncer_.admin("RELOAD")
         stack.postgres().reload()
-        # New server connections from PgBouncer, which must verify the new certificate.
-        bouncer_.admin("RECONNECT")
+        assert procs.wait_until(
+            lambda: served_serial(ports["postgres"], tls.ca_cert) != before["postgres"],
+            30,
+            interval=0.1,
+        )
+        # With server TLS on, a RELOAD also retires every server connection (PgBouncer
+        # 1.18, sbuf.c): their successors verify PostgreSQL's new certificate.
+        bouncer_.admin("RELOAD")
 
         def rotated() -> bool:
-            return all(served_serial(port, tls.ca_cert) != before[n] for n, port in ports.items())
+            fresh = server_addresses(bouncer_)
+            return (
+                served_serial(ports["pgbouncer"], tls.ca_cert) != before["pgbouncer"]
+                and bool(fresh)
+                and not fresh & old_servers
+            )
 
         assert procs.wait_until(rotated, 30, interval=0.2)
         seen = len(traffic.statuses)
