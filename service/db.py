@@ -33,7 +33,7 @@ from service.checkout import CheckoutQueue, Party
 from service.context import CURRENT, Timing
 from service.errors import DatabaseDown, DeadlineExceeded
 from service.metrics import NullPoolObserver, PoolObserver
-from service.pool import Connection, Pool, PoolKeeper, login_failing, login_retry_waits
+from service.pool import Connection, Pool, PoolKeeper, through_login_refusals
 from service.settings import Settings
 
 logger = logging.getLogger("service.db")
@@ -282,19 +282,15 @@ class Database:
         opens it). A path that is down stays refused and is answered 503 when the
         window is over, or at once when the keeper's probe says it is down.
         """
-        waits = login_retry_waits(self.settings.db_login_retry_window)
-        while True:
-            try:
-                return await attempt()
-            except psycopg.OperationalError as exc:
-                if not login_failing(exc):
-                    raise
-                wait = next(waits, None)
-                if wait is None or self.keeper.down:
-                    raise
-                observer.login_refused()
-                logger.debug("PgBouncer refused a call unsent (%s): again in %.2f s", exc, wait)
-                await asyncio.sleep(wait)
+
+        def repeating() -> bool:  # unless the keeper's probe says the path is down
+            if self.keeper.down:
+                return False
+            observer.login_refused()
+            return True
+
+        window = self.settings.db_login_retry_window
+        return await through_login_refusals(attempt, window, repeating)
 
     async def _once(
         self,

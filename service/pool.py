@@ -40,8 +40,8 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, BaseConnection
@@ -51,6 +51,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from service.settings import Settings
 
 logger = logging.getLogger("service.pool")
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 2  # seconds a new connection may take (libpq's smallest useful value)
 PROBE_TIMEOUT = 3.0  # seconds the keeper's probe may take, connect and SELECT 1
@@ -190,6 +192,26 @@ def login_retry_waits(window: float) -> Iterator[float]:
         yield step
         left -= step
         wait = min(wait * 2, MAX_REPEAT_WAIT)
+
+
+async def through_login_refusals(
+    attempt: Callable[[], Awaitable[T]],
+    window: float,
+    go_on: Callable[[], bool] = lambda: True,
+) -> T:
+    """`attempt()`, and again after each pause of `login_retry_waits(window)` while
+    PgBouncer refuses it unsent (`login_failing`) and `go_on()` says so; then the
+    refusal, or any other error, is raised."""
+    waits = login_retry_waits(window)
+    while True:
+        try:
+            return await attempt()
+        except psycopg.OperationalError as exc:
+            wait = next(waits, None) if login_failing(exc) else None
+            if wait is None or not go_on():
+                raise
+            logger.debug("PgBouncer refused a call unsent (%s): again in %.2f s", exc, wait)
+            await asyncio.sleep(wait)
 
 
 class DatabaseRefused(RuntimeError):
@@ -377,30 +399,22 @@ class PoolKeeper:
         DB_LOGIN_RETRY_WINDOW: a login a RELOAD cut short opens that window with the
         path up, and a path down still says so when the window is over.
         """
-        waits = login_retry_waits(self.settings.db_login_retry_window)
-        while True:
-            error = await self._probe_once()
-            if error is None or not login_failing(error):
-                return error
-            wait = next(waits, None)
-            if wait is None:
-                return error
-            await asyncio.sleep(wait)
-
-    async def _probe_once(self) -> Exception | None:
-        kwargs = connection_kwargs(self.settings, None)
-        kwargs["application_name"] = f"{kwargs['application_name']}-probe"
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                conn = await AsyncConnection.connect(self.settings.conninfo, **kwargs)
-                try:
-                    await conn.execute("SELECT 1")
-                finally:
-                    await conn.close()
+            await through_login_refusals(self._probe_once, self.settings.db_login_retry_window)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             logger.debug("probe failed: %s", exc)
             return exc if str(exc) else TimeoutError(f"no answer within {PROBE_TIMEOUT} s")
         return None
+
+    async def _probe_once(self) -> None:
+        kwargs = connection_kwargs(self.settings, None)
+        kwargs["application_name"] = f"{kwargs['application_name']}-probe"
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            conn = await AsyncConnection.connect(self.settings.conninfo, **kwargs)
+            try:
+                await conn.execute("SELECT 1")
+            finally:
+                await conn.close()
 
     async def _replace(self) -> None:
         """The path is back but the pool has no connection: start over with a new pool."""

@@ -146,6 +146,12 @@ class PgBouncer:
             cur.execute(command)
             return cur.fetchall() if cur.description else []
 
+    def server_pids(self) -> set[str]:
+        """The PostgreSQL backend of each server connection it holds now (SHOW SERVERS;
+        a login still in progress has none yet): tells the connections it had from the
+        ones that replaced them."""
+        return {str(r["remote_pid"]) for r in self.admin("SHOW SERVERS") if r["remote_pid"]}
+
     def app_conninfo(self, user: str) -> str:
         """libpq URL for `user` through PgBouncer."""
         url = f"postgresql://{user}:{self.users[user]}@127.0.0.1:{self.port}/{self.database}"

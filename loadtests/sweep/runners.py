@@ -91,11 +91,7 @@ def fresh_server_connections(stack: Stack, timeout: float = 30.0) -> None:
     """
 
     def server_pids() -> set[tuple[int, str]]:
-        return {
-            (bouncer.port, str(row["remote_pid"]))
-            for bouncer in stack.pgbouncers()
-            for row in bouncer.admin("SHOW SERVERS")
-        }
+        return {(b.port, pid) for b in stack.pgbouncers() for pid in b.server_pids()}
 
     old = server_pids()
     for bouncer in stack.pgbouncers():

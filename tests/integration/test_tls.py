@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 
 from infra.localstack import certs, procs
-from infra.localstack.pgbouncer import ADMIN_USER, PgBouncer
+from infra.localstack.pgbouncer import ADMIN_USER
 from infra.localstack.secrets import password
 from infra.localstack.stack import APP_DATABASE, APP_ROLE, EXPORTER_ROLE, Stack
 from tests.support.stack import running_stack
@@ -178,11 +178,6 @@ def served_serial(port: int, ca: Path) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def server_addresses(bouncer_: PgBouncer) -> set[tuple[str, str]]:
-    """PgBouncer's server connections now, each by its local address and port."""
-    return {(row["local_addr"], str(row["local_port"])) for row in bouncer_.admin("SHOW SERVERS")}
-
-
 class Traffic:
     """Reads and writes through the load balancer, one after another, until stopped."""
 
@@ -228,7 +223,7 @@ def test_server_certificates_rotate_under_traffic_without_a_failed_request(stack
     bouncer_ = stack.pgbouncer()
     with Traffic(stack.haproxy().url) as traffic:
         assert procs.wait_until(lambda: len(traffic.statuses) >= 20, 30)
-        old_servers = server_addresses(bouncer_)
+        old_servers = bouncer_.server_pids()
         assert old_servers  # the control: traffic holds server connections to replace
         certs.rotate(tls)
         assert {name: certs.serial(tls.cert(name)) for name in ports} != before
@@ -243,7 +238,7 @@ def test_server_certificates_rotate_under_traffic_without_a_failed_request(stack
         bouncer_.admin("RELOAD")
 
         def rotated() -> bool:
-            fresh = server_addresses(bouncer_)
+            fresh = bouncer_.server_pids()
             return (
                 served_serial(ports["pgbouncer"], tls.ca_cert) != before["pgbouncer"]
                 and bool(fresh)

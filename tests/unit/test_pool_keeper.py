@@ -219,10 +219,12 @@ def probed_with(answers: list[Exception | None], window: float) -> tuple[Excepti
     asked = iter(answers)
     count = 0
 
-    async def once() -> Exception | None:
+    async def once() -> None:
         nonlocal count
         count += 1
-        return next(asked)
+        answer = next(asked)
+        if answer is not None:
+            raise answer
 
     keeper._probe_once = once  # type: ignore[method-assign]
     return asyncio.run(keeper.probe_error()), count
