@@ -41,6 +41,10 @@ class Cell:
     # `replica-1=25.1,14.9,8.0,6.0;...`: each worker's mean requests in flight, largest
     # first (probes.in_flight_by_worker): how evenly the workers shared the users.
     in_flight_by_worker: str
+    # `queue=3.8/23;db=3.8/15;app=4.3/16;locust=25/62`: GET /items/{id}'s Server-Timing
+    # parts and Locust's latency, p50/p99 ms (probes.read_server_timing): where a read's
+    # time went, inside the service and outside it.
+    read_server_timing: str
     # CPU busy on the machine, in cores, with the stack at rest just before the load:
     # other work sharing the machine, which the cell's rates and latencies then include.
     background_cores: float

@@ -12,6 +12,7 @@ import httpx
 
 from loadtests.common.prom import Scrape
 from loadtests.common.sampling import by_replica, parse_counts
+from loadtests.common.server_timing import PARTS
 from loadtests.sweep.plan import Mode
 
 
@@ -97,6 +98,41 @@ def peaks(samples_csv: Path, mode: Mode) -> dict[str, Any]:
         "clients_by_instance": split,
         "servers_by_instance": by_replica(instance_servers),
     }
+
+
+READ = ("GET", "/items/[id]")  # saturate.py's read by id: four of its five requests
+
+
+def read_server_timing(server_timing_csv: Path) -> str:
+    """Where the reads' time went inside the service: `queue=3.8/23;db=3.8/15;app=4.3/16`,
+    each Server-Timing part's p50/p99 in ms for GET /items/{id}, then Locust's own
+    (`locust=25/62`), from the CSV the timing plugin writes (loadtests/common/timing.py);
+    empty when there is none. Beside Locust's latency it shows how much of it the
+    service spent queueing for a connection, holding one, or in Python, and how much
+    passed outside it (Locust, haproxy, a worker's socket not yet read)."""
+    if not server_timing_csv.exists():
+        return ""
+    with server_timing_csv.open() as f:
+        for row in csv.DictReader(f):
+            if (row["Type"], row["Name"]) != READ:
+                continue
+            found = []
+            for part in (*PARTS, "Locust"):
+                p50, p99 = row.get(f"{part} 50%", ""), row.get(f"{part} 99%", "")
+                if p50 and p99:
+                    found.append(f"{part.lower()}={float(p50):g}/{float(p99):g}")
+            return ";".join(found)
+    return ""
+
+
+def parse_parts(value: str) -> dict[str, tuple[float, float]]:
+    """`queue=3.8/23;db=...` -> {"queue": (3.8, 23.0), ...} (read_server_timing's form)."""
+    parts = {}
+    for item in filter(None, value.split(";")):
+        name, _, spread = item.partition("=")
+        p50, _, p99 = spread.partition("/")
+        parts[name] = (float(p50), float(p99))
+    return parts
 
 
 def locust_totals(stats_csv: Path) -> dict[str, float]:

@@ -22,7 +22,13 @@ from loadtests.common.poll import Poll
 from loadtests.common.sampling import join_dsns
 from loadtests.sweep.cells import Cell, judge
 from loadtests.sweep.plan import CellKey, Mode, Plan
-from loadtests.sweep.probes import in_flight_by_worker, locust_totals, peaks, pool_pressure
+from loadtests.sweep.probes import (
+    in_flight_by_worker,
+    locust_totals,
+    peaks,
+    pool_pressure,
+    read_server_timing,
+)
 from service.budget import check, deployment_topology
 from service.settings import Settings
 
@@ -170,6 +176,7 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         pool_waiters=max((r.waiting for r in pressure.readings), default=0),
         connection_errors=max((r.errors for r in pressure.readings), default=0),
         in_flight_by_worker=in_flight_by_worker(pressure.readings),
+        read_server_timing=read_server_timing(Path(f"{prefix}_server_timing.csv")),
         background_cores=round(background, 2),
         verdict="",
         as_predicted=False,

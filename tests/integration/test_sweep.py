@@ -13,6 +13,7 @@ import pytest
 
 from infra.localstack.config import REPO
 from loadtests.common.sampling import parse_counts
+from loadtests.sweep.probes import parse_parts
 
 pytestmark = pytest.mark.slow  # stacks, one per cell
 
@@ -62,6 +63,10 @@ def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: P
         assert 0 <= cell["background_cores"] <= (os.cpu_count() or 1)
         # One mean per worker of the one replica.
         assert cell["in_flight_by_worker"].count(",") == cell["workers"] - 1, cell
+        # The reads' Server-Timing parts and Locust's latency, each p50 <= p99.
+        parts = parse_parts(cell["read_server_timing"])
+        assert set(parts) == {"queue", "db", "app", "locust"}, cell["read_server_timing"]
+        assert all(p50 <= p99 for p50, p99 in parts.values()), parts
     for name in ("report.md", "cells.csv", "client_connections.png", "server_connections.png"):
         assert (out / name).exists(), name
     assert "2 of 2 cells as predicted" in (out / "report.md").read_text()

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 from infra.localstack.config import REPO
+from loadtests.common.server_timing import Tally, write_csv
 from loadtests.sweep.cells import Cell
 from loadtests.sweep.plan import Mode
-from loadtests.sweep.probes import Pressure, in_flight_by_worker
+from loadtests.sweep.probes import Pressure, in_flight_by_worker, parse_parts, read_server_timing
 from loadtests.sweep.report import QUIET_CORES, shared_note
 
 # The first cell of the documented sweep, as the runner builds them.
 _ROW = json.loads((REPO / "docs" / "sweep" / "summary.json").read_text())["cells"][0]
 CELL = Cell(
-    **{**_ROW, "mode": Mode(_ROW["mode"]), "background_cores": 0.04, "in_flight_by_worker": ""}
+    **{
+        **_ROW,
+        "mode": Mode(_ROW["mode"]),
+        "background_cores": 0.04,
+        "in_flight_by_worker": "",
+        "read_server_timing": "",
+    }
 )
 
 
@@ -40,3 +48,25 @@ def test_each_workers_mean_in_flight_is_reported_largest_first() -> None:
         Pressure(5, 0, ({"1": 6.0, "2": 24.0}, None)),  # replica 2's port did not answer
     ]
     assert in_flight_by_worker(readings) == "replica-1=22.0,5.0;replica-2=12.0"
+
+
+def test_a_reads_server_timing_is_kept_from_the_plugins_csv(tmp_path: Path) -> None:
+    """The timing plugin's own CSV (written by its own writer), read back for the read by
+    id only: the page's row, and a file that is not there, give nothing of theirs."""
+    tally = Tally()
+    for queue, db, app in ((1.0, 2.0, 3.0), (1.0, 2.0, 3.0), (40.0, 9.0, 5.0)):
+        tally.add("GET", "/items/[id]", {"queue": queue, "db": db, "app": app})
+    tally.add("GET", "/items?limit=[n]&after=[id]", {"queue": 99.0, "db": 99.0, "app": 99.0})
+    locust = {("GET", "/items/[id]"): {0.5: 7.0, 0.95: 50.0, 0.99: 60.0}}
+    path = tmp_path / "cell_server_timing.csv"
+    write_csv(path, tally, locust)
+    kept = read_server_timing(path)
+    assert kept == "queue=1/40;db=2/9;app=3/5;locust=7/60"
+    assert parse_parts(kept) == {
+        "queue": (1.0, 40.0),
+        "db": (2.0, 9.0),
+        "app": (3.0, 5.0),
+        "locust": (7.0, 60.0),
+    }
+    assert read_server_timing(tmp_path / "missing.csv") == ""
+    assert parse_parts("") == {}
