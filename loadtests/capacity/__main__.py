@@ -16,6 +16,7 @@ from loadtests.capacity.validate import (
     coalescing_rows,
     coalescing_table,
     load_summary,
+    parts_table,
     sweep_calibration_of,
     sweep_rows,
     sweep_table,
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"sweep cells of {args.sweep}, at {sweep_calibration.source}")
     rows = sweep_rows(load_summary(args.sweep), sweep_calibration, args.cell_ms)
     print("\n".join(sweep_table(rows)), flush=True)
+    print("\n".join(parts_table(rows)), flush=True)
     say("the bench's coalescing")
     coalescing = coalescing_rows(calibration)
     print("\n".join(coalescing_table(coalescing)), flush=True)

@@ -119,6 +119,9 @@ class Outcome:
     refused: int  # connections PostgreSQL refused (direct)
     requests_per_statement: float  # coalesced kinds
     utilization: dict[str, float]  # busiest worker / PgBouncer, PostgreSQL, the machine
+    # Reads' Server-Timing parts as the service would report them (queue, db, app) and
+    # their whole latency as the load generator saw it ("locust"): (p50, p99) ms.
+    read_parts: dict[str, tuple[float, float]]
 
     @property
     def saturated(self) -> str:
@@ -222,6 +225,7 @@ class _Sim:
         self.in_flight = [0] * s.replicas  # requests haproxy has sent each replica
         self.accepted: dict[int, list[int]] = {}  # replica -> connections each worker took
         self.latencies: list[float] = []
+        self.read_parts: dict[str, list[float]] = {"queue": [], "db": [], "app": [], "locust": []}
         self.errors: dict[str, int] = {}
         self.open = 0
         self.peak_open = 0
@@ -349,6 +353,8 @@ class _Sim:
                 yield from self.generator.run(self.s.load_generator_ms / 2)
             if ok and start >= self.s.warmup_ms:
                 self.latencies.append(self.env.now - start)
+                if kind == "read":
+                    self.read_parts["locust"].append(self.env.now - start)
             if not ok:
                 yield self.env.timeout(1.0)  # Locust moves on; keep a failing loop from spinning
 
@@ -376,8 +382,10 @@ class _Sim:
         window = s.duration_ms - s.warmup_ms
         lat = sorted(self.latencies)
 
-        def pct(q: float) -> float:
-            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+        def pct(q: float, values: list[float] = lat) -> float:
+            return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+        parts = {name: sorted(v) for name, v in self.read_parts.items() if v}
 
         utilization = {
             "workers": max(w.cpu.busy for w in self.workers) / window,
@@ -410,6 +418,7 @@ class _Sim:
                 self.coalesced_requests / self.statements if self.statements else 1.0
             ),
             utilization=utilization,
+            read_parts={name: (pct(0.5, v), pct(0.99, v)) for name, v in parts.items()},
         )
 
 
@@ -524,6 +533,8 @@ class _Worker:
         sim, s = self.sim, self.sim.s
         cost = sim.cal.cost("worker", kind)
         yield from self.cpu.run(cost.per_request / 2)
+        # The service's own clock (service/context.py) starts once the request is read.
+        started = self.env.now
         coalesced = kind != "list" and s.coalesce_max > 1
         batch = self.batches.get(kind) if coalesced else None
         if batch is not None and batch.size < s.coalesce_max:
@@ -543,6 +554,7 @@ class _Worker:
             for _ in range(self.sim.s.turns):
                 yield from self.cpu.run(0)
         conn, reason = yield from self.checkout()
+        queued = self.env.now - started
         if coalesced and conn is not None:
             # A connection given to a waiting task wakes it on the next turn; the batch
             # takes its requests then (Batch.take), so latecomers of this turn ride too.
@@ -562,11 +574,17 @@ class _Worker:
         yield from self.cpu.run(cost.per_statement / 2)
         if held >= s.warmup_ms:
             self.conn_busy += self.env.now - held
+        db = self.env.now - held
         yield self.idle.put(conn)
         if coalesced and self.env.now >= s.warmup_ms:
             sim.statements += 1
             sim.coalesced_requests += k
         yield from self.cpu.run(cost.per_request / 2 * k)
+        if ok and kind == "read" and started >= s.warmup_ms:
+            # The batch's first request; its riders joined it later and queued less.
+            app = self.env.now - started - queued - db
+            for name, value in (("queue", queued), ("db", db), ("app", app)):
+                sim.read_parts[name].append(value)
         if not ok:
             batch.ok = False
             sim.fail("query_wait_timeout", k)

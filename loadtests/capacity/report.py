@@ -21,7 +21,7 @@ from loadtests.capacity.fleets import (
     WRITE_RATIO,
     Fleet,
 )
-from loadtests.capacity.validate import Row, coalescing_table, sweep_table
+from loadtests.capacity.validate import Row, coalescing_table, parts_table, sweep_table
 
 TIERS = ("workers", "pools", "PgBouncer", "server pools", "PostgreSQL")
 
@@ -172,6 +172,24 @@ def charts(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return names
 
 
+def parts_section(sweep: list[Row]) -> list[str]:
+    """The sweep's reads taken apart, when it recorded their Server-Timing."""
+    table = parts_table(sweep)
+    if not table:
+        return []
+    return [
+        "### Where a read's time went (GET /items/{id})",
+        "",
+        "Measured / modelled, p50/p99 ms: the service's Server-Timing parts (queue: waiting"
+        " for a connection; db: holding one; app: the rest of the service's time) and the"
+        " whole latency Locust saw; what Locust saw beyond the parts passed outside the"
+        " service's clock (Locust, haproxy, a request not yet read by its worker).",
+        "",
+        *table,
+        "",
+    ]
+
+
 def markdown(
     sweep: list[Row],
     sweep_source: str,
@@ -197,6 +215,7 @@ def markdown(
         "",
         f"{agree} of {len(sweep)} cells agree on everything.",
         "",
+        *parts_section(sweep),
         "## This machine: the bench's coalescing (GET /items/{id} as deployed)",
         "",
         *coalescing_table(coalescing),

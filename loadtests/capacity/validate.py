@@ -6,8 +6,10 @@ connection (at most 400, all started within the first second), and N PgBouncers 
 connection to one at random) with default_pool_size 6, or PostgreSQL direct with
 max_connections 30. The model runs the same cell on 2 shared cores with the costs of
 the sweep's own day (sweep_calibration_of) and says whether it agrees: connections
-exactly (client, PgBouncer server, PostgreSQL backends), req/s and p99 within 25%. The
-bench's requests per statement (GET /items/{id} as deployed at each wrk concurrency,
+exactly (client, PgBouncer server, PostgreSQL backends), req/s and p99 within 25%;
+where the sweep recorded them, it also puts the reads' Server-Timing parts (queue, db,
+app) and Locust's latency beside the model's, which says where a short p99 comes from.
+The bench's requests per statement (GET /items/{id} as deployed at each wrk concurrency,
 one replica of 2 workers with pools of 4) are reproduced the same way, and printed
 beside the measured.
 
@@ -38,11 +40,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loadtests.capacity.model import Mix, Outcome, Setup, simulate
+from loadtests.sweep.probes import parse_parts
 from service.calibration import Calibration
 
 LOCUST_MS = 0.24  # Locust (FastHttpUser) per request, one process
@@ -64,6 +67,10 @@ class Row:
     instances: int
     measured: dict[str, float]
     modelled: dict[str, float]
+    # A read's Server-Timing parts and Locust's latency, (p50, p99) ms: the sweep's
+    # (empty before 2026-12-02) and the model's.
+    parts_measured: dict[str, tuple[float, float]] = field(default_factory=dict)
+    parts_modelled: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
@@ -164,6 +171,8 @@ def sweep_rows(
                 instances=instances,
                 measured=measured(cell),
                 modelled=modelled(outcome, cell["mode"] == "direct"),
+                parts_measured=parse_parts(cell.get("read_server_timing") or ""),
+                parts_modelled=outcome.read_parts,
             )
         )
     return rows
@@ -234,6 +243,36 @@ def sweep_table(rows: list[Row]) -> list[str]:
             f"| {r.mode} | {r.workers} | {r.replicas} | {r.instances or '-'} | {both('clients')} |"
             f" {both('servers') if r.mode != 'direct' else '-'} | {both('backends')} |"
             f" {both('rps', '.0f')} | {both('p99_ms', '.0f')} | {verdict} |"
+        )
+    return lines
+
+
+READ_PARTS = ("queue", "db", "app", "locust")
+
+
+def parts_table(rows: list[Row]) -> list[str]:
+    """Where a read's time went, measured (the sweep's Server-Timing and Locust) beside
+    modelled, p50/p99 ms: which part of the latency the model gets short. Empty when
+    the sweep did not record the parts."""
+    rows = [r for r in rows if r.parts_measured]
+    if not rows:
+        return []
+    lines = [
+        "| mode | W | R | PgBouncers | " + " | ".join(READ_PARTS) + " |",
+        "|---|---|---|---|" + "---|" * len(READ_PARTS),
+    ]
+    for r in rows:
+
+        def spread(name: str, r: Row = r) -> str:
+            seen, model = r.parts_measured.get(name), r.parts_modelled.get(name)
+            if seen is None or model is None:
+                return "-"
+            return f"{seen[0]:.1f}/{seen[1]:.0f} · {model[0]:.1f}/{model[1]:.0f}"
+
+        lines.append(
+            f"| {r.mode} | {r.workers} | {r.replicas} | {r.instances or '-'} | "
+            + " | ".join(spread(name) for name in READ_PARTS)
+            + " |"
         )
     return lines
 

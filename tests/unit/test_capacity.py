@@ -14,6 +14,7 @@ from loadtests.capacity.validate import (
     load_summary,
     measured,
     modelled,
+    parts_table,
     sweep_calibration_of,
     sweep_rows,
     worker_shares,
@@ -123,3 +124,41 @@ def test_workers_that_hold_more_users_lengthen_the_tail() -> None:
     skewed = replace(even, worker_shares=((3.0, 1.0),))
     p99 = {name: simulate(s, CALIBRATION).p99_ms for name, s in (("even", even), ("3:1", skewed))}
     assert p99["3:1"] > 1.2 * p99["even"], p99
+
+
+def test_the_model_takes_a_reads_time_apart_as_the_service_does() -> None:
+    """Few connections for many users: a read's time goes to the checkout queue; ample
+    connections: it does not queue at all. Either way the parts sit inside the latency
+    the load generator sees, and the table puts them beside the sweep's."""
+    base = Setup(
+        replicas=1,
+        workers=1,
+        pool_min=1,
+        pool_max=1,
+        mix=Mix(read=1.0),
+        users=16,
+        coalesce_max=1,
+        shared_cores=2,
+        duration_ms=800,
+        warmup_ms=200,
+    )
+    starved = simulate(base, CALIBRATION).read_parts
+    ample = simulate(replace(base, pool_min=16, pool_max=16, users=4), CALIBRATION).read_parts
+    assert starved["queue"][0] > starved["db"][0] + starved["app"][0], starved
+    assert ample["queue"][1] == 0.0, ample
+    for parts in (starved, ample):
+        assert sum(parts[name][0] for name in ("queue", "db", "app")) <= parts["locust"][1]
+    row = Row(
+        "pgbouncer",
+        1,
+        1,
+        1,
+        measured={},
+        modelled={},
+        parts_measured={"queue": (3.9, 11.0), "locust": (13.0, 27.0)},
+        parts_modelled=starved,
+    )
+    table = parts_table([row, replace(row, parts_measured={})])
+    assert len(table) == 3  # head, rule, and only the row that was measured
+    assert f"| 3.9/11 · {starved['queue'][0]:.1f}/{starved['queue'][1]:.0f} |" in table[2]
+    assert "| - |" in table[2]  # db: not measured
