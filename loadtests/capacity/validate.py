@@ -14,7 +14,9 @@ one replica of 2 workers with pools of 4) are reproduced the same way, and print
 beside the measured.
 
 Not from the bench:
-- Locust's and haproxy's CPU per request (LOCUST_MS, HAPROXY_MS), measured once here
+- Locust's and haproxy's CPU per request: the cell's own (locust_ms_per_request,
+  haproxy_ms_per_request: their processes' CPU over the cell's steady part, which sweeps
+  record since 2026-12-02), else LOCUST_MS and HAPROXY_MS, measured once here
   on a 1-replica stack under saturate.py (/proc CPU of the Locust process and of
   haproxy over the requests Locust made, 32 and 96 users, 15 s each, startup
   subtracted), on 2026-12-02, when the machine ran slower than on the sweep's morning
@@ -104,8 +106,8 @@ def cell_setup(
         default_pool_size=plan["pgbouncer_pool_size"],
         max_connections=cell["postgres_max_connections"],
         shared_cores=2,
-        load_generator_ms=LOCUST_MS,
-        balancer_ms=HAPROXY_MS,
+        load_generator_ms=cell.get("locust_ms_per_request") or LOCUST_MS,
+        balancer_ms=cell.get("haproxy_ms_per_request") or HAPROXY_MS,
         spawn_ms=SPAWN_MS,
         worker_shares=worker_shares(cell.get("in_flight_by_worker") or ""),
         # The sampler (loadtests/common/sampler.py) is a superuser connection opened as

@@ -45,6 +45,11 @@ class Cell:
     # parts and Locust's latency, p50/p99 ms (probes.read_server_timing): where a read's
     # time went, inside the service and outside it.
     read_server_timing: str
+    # CPU ms per request of the load generator (Locust, one process) and of haproxy,
+    # over the cell's steady part (probes.ms_per_request): what the rig itself costs on
+    # the cores it shares with the stack, which the capacity model takes as given.
+    locust_ms_per_request: float
+    haproxy_ms_per_request: float
     # CPU busy on the machine, in cores, with the stack at rest just before the load:
     # other work sharing the machine, which the cell's rates and latencies then include.
     background_cores: float

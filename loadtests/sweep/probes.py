@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
+import psutil
 
 from loadtests.common.prom import Scrape
 from loadtests.common.sampling import by_replica, parse_counts
@@ -98,6 +99,46 @@ def peaks(samples_csv: Path, mode: Mode) -> dict[str, Any]:
         "clients_by_instance": split,
         "servers_by_instance": by_replica(instance_servers),
     }
+
+
+class CpuReading(NamedTuple):
+    """CPU seconds (user + system) the load generator and the load balancer had used
+    by `at` (time.monotonic())."""
+
+    at: float
+    locust: float
+    haproxy: float
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds used so far by a process and its children now running (haproxy -W
+    serves from a worker under its master); 0 for one that is gone."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    try:
+        process = psutil.Process(pid)
+        for each in (process, *process.children(recursive=True)):
+            times = each.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:  # gone, or a child gone between listing and reading
+        pass
+    return total
+
+
+def ms_per_request(readings: list[CpuReading], rps: float, skip: int = 3) -> tuple[float, float]:
+    """Locust's and haproxy's CPU ms per request over the cell's steady part: from the
+    `skip`-th reading (Locust's imports and users' start before it) to the one before
+    last (its stop), at the rate Locust measured. (0, 0) when too few readings."""
+    steady = readings[skip:-1]
+    if len(steady) < 2 or rps <= 0:
+        return 0.0, 0.0
+    first, last = steady[0], steady[-1]
+    per_request = 1000 / ((last.at - first.at) * rps)
+    return (
+        round((last.locust - first.locust) * per_request, 4),
+        round((last.haproxy - first.haproxy) * per_request, 4),
+    )
 
 
 READ = ("GET", "/items/[id]")  # saturate.py's read by id: four of its five requests

@@ -23,8 +23,11 @@ from loadtests.common.sampling import join_dsns
 from loadtests.sweep.cells import Cell, judge
 from loadtests.sweep.plan import CellKey, Mode, Plan
 from loadtests.sweep.probes import (
+    CpuReading,
+    cpu_seconds,
     in_flight_by_worker,
     locust_totals,
+    ms_per_request,
     peaks,
     pool_pressure,
     read_server_timing,
@@ -43,7 +46,10 @@ def say(line: str) -> None:
 # ---- one cell -----------------------------------------------------------------------------
 
 
-def run_locust(stack: Stack, users: int, duration: int, prefix: Path) -> str:
+def run_locust(
+    stack: Stack, users: int, duration: int, prefix: Path
+) -> tuple[str, list[CpuReading]]:
+    """Locust's output, and its and haproxy's CPU read once a second while it ran."""
     env = {
         **os.environ,
         "SAMPLER_PGBOUNCER_URL": join_dsns(b.admin_conninfo() for b in stack.pgbouncers()),
@@ -52,38 +58,45 @@ def run_locust(stack: Stack, users: int, duration: int, prefix: Path) -> str:
         "LOADTEST_MAX_FAIL_RATIO": "1",  # the sweep reports failures; it does not gate on them
         "LOADTEST_MAX_P95_MS": "1000000",
     }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            "-f",
-            str(SCENARIO),
-            "--headless",
-            "--users",
-            str(users),
-            "--spawn-rate",
-            str(users),
-            "--run-time",
-            f"{duration}s",
-            "--host",
-            stack.haproxy().url,
-            "--csv",
-            str(prefix),
-            "--only-summary",
-            # Every user starts within the first second; the pools grow from POOL_MIN
-            # meanwhile. The cell's numbers are the steady state after that.
-            "--reset-stats",
-            "--stop-timeout",
-            "5",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=duration + 120,
-    )
-    return result.stdout + result.stderr
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(SCENARIO),
+        "--headless",
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(users),
+        "--run-time",
+        f"{duration}s",
+        "--host",
+        stack.haproxy().url,
+        "--csv",
+        str(prefix),
+        "--only-summary",
+        # Every user starts within the first second; the pools grow from POOL_MIN
+        # meanwhile. The cell's numbers are the steady state after that.
+        "--reset-stats",
+        "--stop-timeout",
+        "5",
+    ]
+    haproxy_pid = procs.read_pid(stack.haproxy().pid_file)
+    with subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as locust:
+
+        def reading() -> CpuReading:
+            return CpuReading(time.monotonic(), cpu_seconds(locust.pid), cpu_seconds(haproxy_pid))
+
+        with Poll(reading, 1.0) as cpu:
+            try:
+                output, _ = locust.communicate(timeout=duration + 120)
+            except subprocess.TimeoutExpired:
+                locust.kill()
+                raise
+    return output, cpu.readings
 
 
 def fresh_server_connections(stack: Stack, timeout: float = 30.0) -> None:
@@ -147,10 +160,11 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         httpx.Client(timeout=2) as http,
         Poll(functools.partial(pool_pressure, http, metrics_urls), 1.0) as pressure,
     ):
-        output = run_locust(stack, users, plan.duration, prefix)
+        output, cpu = run_locust(stack, users, plan.duration, prefix)
     (prefix.parent / f"{prefix.name}.locust.log").write_text(output)
     measured = peaks(Path(f"{prefix}_connections.csv"), key.mode)
     totals = locust_totals(Path(f"{prefix}_stats.csv"))
+    locust_ms, haproxy_ms = ms_per_request(cpu, totals["rps"])
     cell = Cell(
         mode=key.mode,
         workers=key.workers,
@@ -177,6 +191,8 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
         connection_errors=max((r.errors for r in pressure.readings), default=0),
         in_flight_by_worker=in_flight_by_worker(pressure.readings),
         read_server_timing=read_server_timing(Path(f"{prefix}_server_timing.csv")),
+        locust_ms_per_request=locust_ms,
+        haproxy_ms_per_request=haproxy_ms,
         background_cores=round(background, 2),
         verdict="",
         as_predicted=False,

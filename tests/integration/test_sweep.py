@@ -67,6 +67,8 @@ def test_mini_sweep_measures_exactly_the_predicted_client_connections(scratch: P
         parts = parse_parts(cell["read_server_timing"])
         assert set(parts) == {"queue", "db", "app", "locust"}, cell["read_server_timing"]
         assert all(p50 <= p99 for p50, p99 in parts.values()), parts
+        # What the rig cost per request: Locust far more than haproxy, both some.
+        assert 0 < cell["haproxy_ms_per_request"] < cell["locust_ms_per_request"] < 5, cell
     for name in ("report.md", "cells.csv", "client_connections.png", "server_connections.png"):
         assert (out / name).exists(), name
     assert "2 of 2 cells as predicted" in (out / "report.md").read_text()

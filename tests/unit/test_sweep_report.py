@@ -4,14 +4,28 @@ workers shared the users."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
+
 from infra.localstack.config import REPO
+from infra.localstack.procs import wait_until
 from loadtests.common.server_timing import Tally, write_csv
 from loadtests.sweep.cells import Cell
 from loadtests.sweep.plan import Mode
-from loadtests.sweep.probes import Pressure, in_flight_by_worker, parse_parts, read_server_timing
+from loadtests.sweep.probes import (
+    CpuReading,
+    Pressure,
+    cpu_seconds,
+    in_flight_by_worker,
+    ms_per_request,
+    parse_parts,
+    read_server_timing,
+)
 from loadtests.sweep.report import QUIET_CORES, shared_note
 
 # The first cell of the documented sweep, as the runner builds them.
@@ -23,6 +37,8 @@ CELL = Cell(
         "background_cores": 0.04,
         "in_flight_by_worker": "",
         "read_server_timing": "",
+        "locust_ms_per_request": 0.0,
+        "haproxy_ms_per_request": 0.0,
     }
 )
 
@@ -70,3 +86,35 @@ def test_a_reads_server_timing_is_kept_from_the_plugins_csv(tmp_path: Path) -> N
     }
     assert read_server_timing(tmp_path / "missing.csv") == ""
     assert parse_parts("") == {}
+
+
+def test_the_rigs_cpu_per_request_comes_from_the_steady_part() -> None:
+    """Startup (Locust's imports) and the stop are left out; the rest over the rate."""
+    readings = [
+        CpuReading(0.0, 0.0, 0.0),
+        CpuReading(1.0, 1.5, 0.0),  # imports
+        CpuReading(2.0, 2.0, 0.1),
+        CpuReading(3.0, 2.5, 0.15),  # steady from here: 0.5 s of Locust CPU a second
+        CpuReading(5.0, 3.5, 0.25),
+        CpuReading(6.0, 9.0, 0.3),  # stopping: left out
+    ]
+    assert ms_per_request(readings, rps=1000) == (0.5, 0.05)
+    assert ms_per_request(readings[:4], rps=1000) == (0.0, 0.0)  # too few to say
+    assert ms_per_request(readings, rps=0) == (0.0, 0.0)
+
+
+def test_a_processs_cpu_counts_its_running_children() -> None:
+    """haproxy -W serves from a child of its master: the child's CPU is counted."""
+    assert cpu_seconds(None) == 0.0
+
+    def beyond_our_own() -> float:
+        own = psutil.Process().cpu_times()
+        return cpu_seconds(os.getpid()) - (own.user + own.system)
+
+    with subprocess.Popen([sys.executable, "-c", "while True: pass"]) as spinner:
+        try:
+            assert wait_until(lambda: beyond_our_own() > 0.2, timeout=60)
+        finally:
+            spinner.kill()
+            spinner.wait()
+    assert cpu_seconds(spinner.pid) == 0.0  # gone
