@@ -126,10 +126,19 @@ def cpu_seconds(pid: int | None) -> float:
     return total
 
 
-def ms_per_request(readings: list[CpuReading], rps: float, skip: int = 3) -> tuple[float, float]:
+def write_cpu_csv(path: Path, readings: list[CpuReading]) -> None:
+    """The readings ms_per_request took its figures from, beside Locust's CSVs."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CpuReading._fields)
+        writer.writerows(readings)
+
+
+def ms_per_request(readings: list[CpuReading], rps: float, skip: int = 2) -> tuple[float, float]:
     """Locust's and haproxy's CPU ms per request over the cell's steady part: from the
-    `skip`-th reading (Locust's imports and users' start before it) to the one before
-    last (its stop), at the rate Locust measured. (0, 0) when too few readings."""
+    `skip`-th reading (one a second: Locust's imports and its users' start are in the
+    first two) to the one before last (its stop), at the rate Locust measured. (0, 0)
+    when too few readings."""
     steady = readings[skip:-1]
     if len(steady) < 2 or rps <= 0:
         return 0.0, 0.0

@@ -31,6 +31,7 @@ from loadtests.sweep.probes import (
     peaks,
     pool_pressure,
     read_server_timing,
+    write_cpu_csv,
 )
 from service.budget import check, deployment_topology
 from service.settings import Settings
@@ -162,6 +163,7 @@ def run_cell(stack_settings: StackSettings, key: CellKey, plan: Plan, out: Path)
     ):
         output, cpu = run_locust(stack, users, plan.duration, prefix)
     (prefix.parent / f"{prefix.name}.locust.log").write_text(output)
+    write_cpu_csv(Path(f"{prefix}_cpu.csv"), cpu)
     measured = peaks(Path(f"{prefix}_connections.csv"), key.mode)
     totals = locust_totals(Path(f"{prefix}_stats.csv"))
     locust_ms, haproxy_ms = ms_per_request(cpu, totals["rps"])

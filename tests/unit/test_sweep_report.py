@@ -91,9 +91,8 @@ def test_a_reads_server_timing_is_kept_from_the_plugins_csv(tmp_path: Path) -> N
 def test_the_rigs_cpu_per_request_comes_from_the_steady_part() -> None:
     """Startup (Locust's imports) and the stop are left out; the rest over the rate."""
     readings = [
-        CpuReading(0.0, 0.0, 0.0),
-        CpuReading(1.0, 1.5, 0.0),  # imports
-        CpuReading(2.0, 2.0, 0.1),
+        CpuReading(1.0, 0.9, 0.0),  # imports
+        CpuReading(2.0, 1.6, 0.05),  # users starting
         CpuReading(3.0, 2.5, 0.15),  # steady from here: 0.5 s of Locust CPU a second
         CpuReading(5.0, 3.5, 0.25),
         CpuReading(6.0, 9.0, 0.3),  # stopping: left out
