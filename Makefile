@@ -76,7 +76,8 @@ bench: setup
 # The capacity model (SimPy) checked against a sweep's cells and the bench's coalescing,
 # then fleets of 10, 100 and 1,000 replicas, planned and naive (about 2 minutes, no
 # servers); report in reports/capacity/. docs/capacity/ is
-# `make capacity SWEEP=docs/capacity/sweep-2026-12-01.json`.
+# `make capacity SWEEP=docs/capacity/sweep-2026-12-01.json`. Several sweeps of the same
+# grid (SWEEP="a.json b.json c.json") are checked by each cell's median, with the spread.
 CALIBRATION ?= service/calibration.json
 SWEEP ?= docs/sweep/summary.json
 capacity: setup

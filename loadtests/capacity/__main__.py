@@ -17,6 +17,7 @@ from loadtests.capacity.validate import (
     coalescing_table,
     load_summary,
     parts_table,
+    repeated_rows,
     sweep_calibration_of,
     sweep_rows,
     sweep_table,
@@ -27,19 +28,32 @@ REPORTS = REPO / "reports" / "capacity"
 DOCS_SWEEP = REPO / "docs" / "sweep" / "summary.json"
 
 
+def shown(path: Path) -> str:
+    """A path as the report names it: from the repository's root when inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.capacity", description=loadtests.capacity.__doc__
     )
     parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION)
     parser.add_argument(
-        "--sweep", type=Path, default=DOCS_SWEEP, help="a sweep's summary.json to reproduce"
+        "--sweep",
+        type=Path,
+        nargs="+",
+        default=[DOCS_SWEEP],
+        help="a sweep's summary.json to reproduce, or several of the same grid: each cell"
+        " is then the median of the sweeps, measured and modelled, with the spread",
     )
     parser.add_argument(
         "--sweep-calibration",
         type=Path,
         default=None,
-        help="the bench of the sweep's own day (default: NAME.calibration.json beside the"
+        help="the bench of the sweeps' own day (default: NAME.calibration.json beside each"
         " sweep's NAME.json if there is one, else --calibration)",
     )
     parser.add_argument("--fleets", type=int, nargs="*", default=list(FLEETS))
@@ -47,17 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     calibration = load(args.calibration)
-    sweep_calibration = load(
-        args.sweep_calibration or sweep_calibration_of(args.sweep, args.calibration)
-    )
+    sweep_calibrations = [
+        load(args.sweep_calibration or sweep_calibration_of(sweep, args.calibration))
+        for sweep in args.sweep
+    ]
+    sweep_calibration = sweep_calibrations[0]
+    costs_source = "; ".join(dict.fromkeys(c.source for c in sweep_calibrations))
     out = args.out or REPORTS / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
 
     def say(line: str) -> None:
         print(f"[{time.monotonic() - started:5.0f}s] {line}", flush=True)
 
-    say(f"sweep cells of {args.sweep}, at {sweep_calibration.source}")
-    rows = sweep_rows(load_summary(args.sweep), sweep_calibration, args.cell_ms)
+    runs = []
+    for sweep, costs in zip(args.sweep, sweep_calibrations, strict=True):
+        say(f"sweep cells of {sweep}, at {costs.source}")
+        runs.append(sweep_rows(load_summary(sweep), costs, args.cell_ms))
+    rows = repeated_rows(runs)
     print("\n".join(sweep_table(rows)), flush=True)
     print("\n".join(parts_table(rows)), flush=True)
     say("the bench's coalescing")
@@ -67,16 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     fleets = [fleet_row(f) for f in run_fleets(calibration, tuple(args.fleets))]
     out.mkdir(parents=True, exist_ok=True)
     pictures = charts(fleets, out)
-    try:
-        source = str(args.sweep.resolve().relative_to(REPO))
-    except ValueError:
-        source = str(args.sweep)
-    text = markdown(
-        rows, source, sweep_calibration.source, coalescing, fleets, calibration.source, pictures
-    )
+    source = ", ".join(shown(sweep) for sweep in args.sweep)
+    if len(args.sweep) > 1:
+        source = f"medians of {len(args.sweep)} sweeps: {source}"
+    text = markdown(rows, source, costs_source, coalescing, fleets, calibration.source, pictures)
     data = {
         "calibration": calibration.as_dict(),
         "sweep_calibration": sweep_calibration.as_dict(),
+        "sweeps": [shown(sweep) for sweep in args.sweep],
         "sweep": [
             {
                 "mode": r.mode,
@@ -86,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 "measured": r.measured,
                 "modelled": r.modelled,
                 "problems": r.problems,
+                "measured_spread": r.spread,
             }
             for r in rows
         ],

@@ -209,7 +209,13 @@ def markdown(
         "",
         f"Costs: {sweep_calibration_source}.",
         "",
-        "Measured / modelled. Connections must agree exactly, req/s and p99 within 25%.",
+        "Measured / modelled. Connections must agree exactly, req/s and p99 within 25%."
+        + (
+            f" Each figure is the median of {sweep[0].sweeps} sweeps, and of the model's run"
+            " of each; beside the measured req/s and p99, the lowest and highest."
+            if sweep and sweep[0].sweeps > 1
+            else ""
+        ),
         "",
         *sweep_table(sweep),
         "",

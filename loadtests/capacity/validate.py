@@ -73,6 +73,14 @@ class Row:
     # (empty before 2026-12-02) and the model's.
     parts_measured: dict[str, tuple[float, float]] = field(default_factory=dict)
     parts_modelled: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Of several sweeps (repeated_rows): how many, and the lowest and highest measured
+    # req/s and p99, the spread the same code shows run to run on this machine.
+    sweeps: int = 1
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.mode, self.workers, self.replicas, self.instances)
 
     @property
     def problems(self) -> list[str]:
@@ -180,6 +188,59 @@ def sweep_rows(
     return rows
 
 
+def repeated_rows(runs: list[list[Row]]) -> list[Row]:
+    """Several sweeps of the same grid, each beside its own model runs, as one: each
+    figure the median over the sweeps, measured and modelled alike (connections the
+    lower median, so they stay whole), with the measured req/s and p99 spread. One 20 s
+    sweep is not a figure to check a model against: two of the same code on this quiet
+    machine differ by more than 25% in p99 in a quarter of the cells. A cell missing from
+    any sweep is left out."""
+    if len(runs) == 1:
+        return runs[0]
+    by_key = [{row.key: row for row in run} for run in runs]
+    common = [key for key in by_key[0] if all(key in rows for rows in by_key[1:])]
+    combined = []
+    for key in common:
+        rows = [rows[key] for rows in by_key]
+
+        def median(figures: list[dict[str, float]]) -> dict[str, float]:
+            return {
+                name: (
+                    statistics.median_low(f[name] for f in figures)
+                    if name in ("clients", "servers", "backends")
+                    else statistics.median(f[name] for f in figures)
+                )
+                for name in figures[0]
+            }
+
+        def parts(each: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+            names = set.intersection(*(set(p) for p in each)) if all(each) else set()
+            return {
+                name: (
+                    statistics.median(p[name][0] for p in each),
+                    statistics.median(p[name][1] for p in each),
+                )
+                for name in sorted(names)
+            }
+
+        spread = {
+            name: (min(r.measured[name] for r in rows), max(r.measured[name] for r in rows))
+            for name in ("rps", "p99_ms")
+        }
+        combined.append(
+            replace(
+                rows[0],
+                measured=median([r.measured for r in rows]),
+                modelled=median([r.modelled for r in rows]),
+                parts_measured=parts([r.parts_measured for r in rows]),
+                parts_modelled=parts([r.parts_modelled for r in rows]),
+                sweeps=len(rows),
+                spread=spread,
+            )
+        )
+    return combined
+
+
 def coalescing_rows(
     calibration: Calibration, duration_ms: float = 2000.0, seeds: tuple[int, ...] = (1, 2, 3)
 ) -> list[tuple[int, float, float]]:
@@ -238,7 +299,11 @@ def sweep_table(rows: list[Row]) -> list[str]:
     for r in rows:
 
         def both(name: str, fmt: str = "g", r: Row = r) -> str:
-            return f"{r.measured[name]:{fmt}} / {r.modelled[name]:{fmt}}"
+            seen = f"{r.measured[name]:{fmt}}"
+            if name in r.spread:  # several sweeps: their median, and lowest-highest
+                low, high = r.spread[name]
+                seen += f" ({low:{fmt}}-{high:{fmt}})"
+            return f"{seen} / {r.modelled[name]:{fmt}}"
 
         verdict = "yes" if not r.problems else "no: " + "; ".join(r.problems)
         lines.append(

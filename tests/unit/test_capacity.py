@@ -15,8 +15,10 @@ from loadtests.capacity.validate import (
     measured,
     modelled,
     parts_table,
+    repeated_rows,
     sweep_calibration_of,
     sweep_rows,
+    sweep_table,
     worker_shares,
 )
 from service.calibration import DEFAULT_CALIBRATION, load
@@ -162,3 +164,39 @@ def test_the_model_takes_a_reads_time_apart_as_the_service_does() -> None:
     assert len(table) == 3  # head, rule, and only the row that was measured
     assert f"| 3.9/11 · {starved['queue'][0]:.1f}/{starved['queue'][1]:.0f} |" in table[2]
     assert "| - |" in table[2]  # db: not measured
+
+
+def test_several_sweeps_are_checked_by_their_medians_with_the_spread() -> None:
+    """Three sweeps of the same grid: each figure the median, measured and modelled; the
+    measured req/s and p99 keep their lowest and highest; connections stay whole; a cell
+    one sweep lacks is left out."""
+
+    def row(rps: float, p99: float, clients: int, model_p99: float, workers: int = 1) -> Row:
+        figures = {"clients": clients, "servers": 6, "backends": 8}
+        return Row(
+            "pgbouncer",
+            workers,
+            1,
+            1,
+            measured={**figures, "rps": rps, "p99_ms": p99},
+            modelled={**figures, "clients": 8, "rps": 1000, "p99_ms": model_p99},
+            parts_measured={"queue": (4.0, p99 / 2)},
+            parts_modelled={"queue": (5.0, 6.0)},
+        )
+
+    runs = [
+        [row(900, 30, 8, 14), row(800, 60, 16, 30, workers=2)],
+        [row(1100, 20, 7, 16)],
+        [row(1000, 50, 8, 15)],
+    ]
+    (combined,) = repeated_rows(runs)
+    assert combined.sweeps == 3
+    assert combined.measured["rps"] == 1000
+    assert combined.measured["p99_ms"] == 30
+    assert combined.modelled["p99_ms"] == 15
+    assert combined.measured["clients"] == 8  # the lower median of 8, 7, 8: whole
+    assert combined.spread == {"rps": (900, 1100), "p99_ms": (20, 50)}
+    assert combined.parts_measured == {"queue": (4.0, 15.0)}
+    assert "p99_ms 15 vs 30 (-50%)" in combined.problems
+    assert "| 1000 (900-1100) / 1000 | 30 (20-50) / 15 |" in sweep_table([combined])[2]
+    assert repeated_rows(runs[:1]) == runs[0]  # one sweep: as it is
