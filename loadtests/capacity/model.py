@@ -572,9 +572,9 @@ class _Worker:
         yield from self.cpu.run(cost.per_statement / 2)
         ok = yield from sim.statement(conn, kind, k)
         yield from self.cpu.run(cost.per_statement / 2)
-        if held >= s.warmup_ms:
-            self.conn_busy += self.env.now - held
         db = self.env.now - held
+        if held >= s.warmup_ms:
+            self.conn_busy += db
         yield self.idle.put(conn)
         if coalesced and self.env.now >= s.warmup_ms:
             sim.statements += 1

@@ -55,6 +55,7 @@ HAPROXY_MS = 0.075
 WRK_THREADS = 2  # the bench's wrk: its cost is spread over its threads
 BROWSE = Mix(read=0.8, list=0.2)  # browse.py's tasks: 4 reads by id, 1 page
 TOLERANCE = 0.25
+CONNECTIONS = ("clients", "servers", "backends")  # must agree exactly
 SPAWN_MS = 1000.0  # Locust's users all started within the first second
 WARMUP_MS = 1500.0  # then pools have grown: what the model measures starts here
 
@@ -85,7 +86,7 @@ class Row:
     @property
     def problems(self) -> list[str]:
         found = []
-        for name in ("clients", "servers", "backends"):
+        for name in CONNECTIONS:
             if self.measured[name] != self.modelled[name]:
                 found.append(f"{name} {self.modelled[name]:g} != {self.measured[name]:g}")
         for name in ("rps", "p99_ms"):
@@ -202,27 +203,6 @@ def repeated_rows(runs: list[list[Row]]) -> list[Row]:
     combined = []
     for key in common:
         rows = [rows[key] for rows in by_key]
-
-        def median(figures: list[dict[str, float]]) -> dict[str, float]:
-            return {
-                name: (
-                    statistics.median_low(f[name] for f in figures)
-                    if name in ("clients", "servers", "backends")
-                    else statistics.median(f[name] for f in figures)
-                )
-                for name in figures[0]
-            }
-
-        def parts(each: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
-            names = set.intersection(*(set(p) for p in each)) if all(each) else set()
-            return {
-                name: (
-                    statistics.median(p[name][0] for p in each),
-                    statistics.median(p[name][1] for p in each),
-                )
-                for name in sorted(names)
-            }
-
         spread = {
             name: (min(r.measured[name] for r in rows), max(r.measured[name] for r in rows))
             for name in ("rps", "p99_ms")
@@ -230,15 +210,37 @@ def repeated_rows(runs: list[list[Row]]) -> list[Row]:
         combined.append(
             replace(
                 rows[0],
-                measured=median([r.measured for r in rows]),
-                modelled=median([r.modelled for r in rows]),
-                parts_measured=parts([r.parts_measured for r in rows]),
-                parts_modelled=parts([r.parts_modelled for r in rows]),
+                measured=_median_figures([r.measured for r in rows]),
+                modelled=_median_figures([r.modelled for r in rows]),
+                parts_measured=_median_parts([r.parts_measured for r in rows]),
+                parts_modelled=_median_parts([r.parts_modelled for r in rows]),
                 sweeps=len(rows),
                 spread=spread,
             )
         )
     return combined
+
+
+def _median_figures(figures: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median; connections the lower median, so they stay whole."""
+    return {
+        name: (statistics.median_low if name in CONNECTIONS else statistics.median)(
+            f[name] for f in figures
+        )
+        for name in figures[0]
+    }
+
+
+def _median_parts(each: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """Each part's median p50 and p99, for the parts every sweep has (none if one lacks)."""
+    names = set.intersection(*(set(p) for p in each)) if all(each) else set()
+    return {
+        name: (
+            statistics.median(p[name][0] for p in each),
+            statistics.median(p[name][1] for p in each),
+        )
+        for name in sorted(names)
+    }
 
 
 def coalescing_rows(

@@ -78,21 +78,24 @@ def test_the_model_reproduces_the_benchs_coalescing() -> None:
         assert abs(model - bench) / bench <= 0.25, (connections, bench, model)
 
 
+# One replica of two workers with pools of 2..4 under 64 readers: a short run.
+READERS = Setup(
+    replicas=1,
+    workers=2,
+    pool_min=2,
+    pool_max=4,
+    mix=Mix(read=1.0),
+    users=64,
+    shared_cores=2,
+    duration_ms=800,
+    warmup_ms=200,
+)
+
+
 def test_coalescing_appears_only_when_requests_queue() -> None:
-    base = Setup(
-        replicas=1,
-        workers=2,
-        pool_min=2,
-        pool_max=4,
-        mix=Mix(read=1.0),
-        users=64,
-        shared_cores=2,
-        duration_ms=800,
-        warmup_ms=200,
-    )
-    queued = simulate(base, CALIBRATION)
-    alone = simulate(replace(base, users=2), CALIBRATION)
-    off = simulate(replace(base, coalesce_max=1), CALIBRATION)
+    queued = simulate(READERS, CALIBRATION)
+    alone = simulate(replace(READERS, users=2), CALIBRATION)
+    off = simulate(replace(READERS, coalesce_max=1), CALIBRATION)
     assert queued.requests_per_statement > 3
     assert alone.requests_per_statement < 1.5
     assert off.requests_per_statement == 1.0
@@ -132,18 +135,7 @@ def test_the_model_takes_a_reads_time_apart_as_the_service_does() -> None:
     """Few connections for many users: a read's time goes to the checkout queue; ample
     connections: it does not queue at all. Either way the parts sit inside the latency
     the load generator sees, and the table puts them beside the sweep's."""
-    base = Setup(
-        replicas=1,
-        workers=1,
-        pool_min=1,
-        pool_max=1,
-        mix=Mix(read=1.0),
-        users=16,
-        coalesce_max=1,
-        shared_cores=2,
-        duration_ms=800,
-        warmup_ms=200,
-    )
+    base = replace(READERS, workers=1, pool_min=1, pool_max=1, users=16, coalesce_max=1)
     starved = simulate(base, CALIBRATION).read_parts
     ample = simulate(replace(base, pool_min=16, pool_max=16, users=4), CALIBRATION).read_parts
     assert starved["queue"][0] > starved["db"][0] + starved["app"][0], starved
